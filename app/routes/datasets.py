@@ -1,0 +1,51 @@
+"""``/v1/datasets``: upload (multipart), list and describe datasets."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+
+from app.auth import require_api_key
+from app.deps import DatasetId
+from app.schemas import Dataset, DatasetList, error_responses
+from worker import service
+
+router = APIRouter(
+    prefix="/datasets",
+    tags=["datasets"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401, 403),
+)
+
+
+@router.post("", status_code=201, response_model=Dataset, responses=error_responses(413, 422))
+def upload_dataset(
+    file: Annotated[
+        UploadFile,
+        File(description="JSONL (one {'input': [...], 'target': ...} a line) or UTF-8 text"),
+    ],
+    kind: Annotated[
+        Literal["jsonl", "text"] | None,
+        Form(description="jsonl or text; default: from the file name (.jsonl/.json: jsonl)"),
+    ] = None,
+) -> Dataset:
+    """Upload a dataset file (multipart field ``file``); it is validated, then stored."""
+    content = file.file.read()
+    view = service.create_dataset(file.filename or "", content, kind=kind)
+    return Dataset.model_validate(view)
+
+
+@router.get("", response_model=DatasetList, responses=error_responses(422))
+def list_datasets(
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+) -> DatasetList:
+    """List uploaded datasets, newest first."""
+    return DatasetList.model_validate(service.list_datasets(limit=limit, offset=offset))
+
+
+@router.get("/{dataset_id}", response_model=Dataset, responses=error_responses(404))
+def get_dataset(dataset_id: DatasetId) -> Dataset:
+    """Describe a dataset: kind, size, checksum and what validation found."""
+    return Dataset.model_validate(service.get_dataset(dataset_id))

@@ -1,0 +1,104 @@
+"""``/v1/jobs``: submit, list, inspect, follow (SSE) and cancel training jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.auth import require_api_key
+from app.deps import JobId
+from app.events import job_event_stream
+from app.schemas import Job, JobList, JobSpec, JobStatus, MetricPoint, error_responses
+from worker import service
+
+router = APIRouter(
+    prefix="/jobs",
+    tags=["jobs"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401, 403),
+)
+
+
+def job_json(job_id: str) -> dict[str, Any]:
+    """The job as the API shows it, as JSON data."""
+    return Job.model_validate(service.get_job(job_id)).model_dump(mode="json")
+
+
+@router.post("", status_code=202, response_model=Job, responses=error_responses(413, 422))
+def submit_job(spec: JobSpec) -> Job:
+    """Submit a training job; it is queued and runs on the next free worker."""
+    view = service.submit_job(spec.to_job_config(), name=spec.name)
+    return Job.model_validate(view)
+
+
+@router.get("", response_model=JobList, responses=error_responses(422))
+def list_jobs(
+    status: Annotated[JobStatus | None, Query(description="only jobs with this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+) -> JobList:
+    """List jobs, newest first, optionally only those with one status."""
+    page = service.list_jobs(status=status, limit=limit, offset=offset)
+    return JobList.model_validate(page)
+
+
+@router.get("/{job_id}", response_model=Job, responses=error_responses(404))
+def get_job(job_id: JobId) -> Job:
+    """Get a job: status, config, attempts, times, progress, model id or error."""
+    return Job.model_validate(service.get_job(job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=list[MetricPoint], responses=error_responses(404))
+def get_job_metrics(job_id: JobId) -> list[dict[str, object]]:
+    """Get a job's metric history, oldest first."""
+    return service.job_metrics(job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "Server-Sent Events: `status` and `progress` events (JSON data, "
+            "with ids for Last-Event-ID), `: heartbeat` comments, and a last `end` event with "
+            "the finished job",
+        },
+        **error_responses(404, 422),
+    },
+)
+async def job_events(
+    job_id: JobId,
+    request: Request,
+    last_event_id: Annotated[
+        int | None,
+        Header(alias="Last-Event-ID", ge=0, le=2**62, description="resume after this event"),
+    ] = None,
+) -> StreamingResponse:
+    """Follow a job: stream its progress and status events until it ends (SSE)."""
+    await run_in_threadpool(service.get_job, job_id)  # 404 before the stream starts
+
+    async def as_json(job_id: str) -> dict[str, Any]:
+        return await run_in_threadpool(job_json, job_id)
+
+    stream = job_event_stream(
+        job_id,
+        after=last_event_id or 0,
+        is_disconnected=request.is_disconnected,
+        job_json=as_json,
+        timing=request.app.state.sse_timing,
+    )
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=Job, responses=error_responses(404, 409))
+def cancel_job(job_id: JobId) -> Job:
+    """Cancel a job: a queued one at once, a running one at its next step (checkpoint kept)."""
+    return Job.model_validate(service.cancel_job(job_id))

@@ -1,0 +1,86 @@
+"""``/v1/models``: trained models, predictions and text generation."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+
+from app.auth import require_api_key
+from app.deps import MetricsDep, ModelId, PredictorDep
+from app.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    Model,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+    error_responses,
+)
+from worker import service
+
+router = APIRouter(
+    prefix="/models",
+    tags=["models"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401, 403),
+)
+
+
+@router.get("", response_model=ModelList, responses=error_responses(422))
+def list_models(
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+) -> ModelList:
+    """List trained models, newest first."""
+    return ModelList.model_validate(service.list_models(limit=limit, offset=offset))
+
+
+@router.get("/{model_id}", response_model=Model, responses=error_responses(404))
+def get_model(model_id: ModelId) -> Model:
+    """Describe a model: config, task, metrics, parameter counts and source job."""
+    return Model.model_validate(service.get_model(model_id))
+
+
+@router.post(
+    "/{model_id}/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422)
+)
+def predict(
+    model_id: ModelId, body: PredictRequest, predictor: PredictorDep, metrics: MetricsDep
+) -> PredictResponse:
+    """Predict: one label per step (copy, labelling, text) or one value per sequence."""
+    model = service.get_model(model_id)
+    start = time.perf_counter()
+    result = predictor.predict(
+        model.id, model.checkpoint, body.inputs, probabilities=body.probabilities
+    )
+    metrics.predict_latency.labels("predict").observe(time.perf_counter() - start)
+    return PredictResponse(
+        model_id=model.id,
+        predictions=result["predictions"],
+        probabilities=result.get("probabilities") if body.probabilities else None,
+    )
+
+
+@router.post(
+    "/{model_id}/generate",
+    response_model=GenerateResponse,
+    responses=error_responses(404, 413, 422),
+)
+def generate(
+    model_id: ModelId, body: GenerateRequest, predictor: PredictorDep, metrics: MetricsDep
+) -> GenerateResponse:
+    """Generate text from a character-level model (task ``text``; other models: 422)."""
+    model = service.get_model(model_id)
+    start = time.perf_counter()
+    text = predictor.generate(
+        model.id,
+        model.checkpoint,
+        body.prompt,
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        seed=body.seed,
+    )
+    metrics.predict_latency.labels("generate").observe(time.perf_counter() - start)
+    return GenerateResponse(model_id=model.id, prompt=body.prompt, text=text)

@@ -1,0 +1,467 @@
+"""Request and response bodies of the HTTP API (pydantic v2); they are the OpenAPI docs.
+
+Request bodies forbid unknown fields and are strict (``"5"`` is not an integer, ``1`` is not a
+boolean). The training-config models mirror :mod:`kru_core.config`: same fields, same defaults
+(read from the dataclasses), same ranges, so the docs show them and most mistakes are caught with
+the offending field before :meth:`kru_core.config.JobConfig.from_dict` runs its own checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from kru_core.config import JobConfig, ModelConfig, TaskConfig, TrainConfig
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINISHED_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of a :mod:`kru_core.config` dataclass."""
+    return {f.name: f for f in dataclasses.fields(cls)}[name].default
+
+
+# ---------------------------------------------------------------------------------------------
+# Training config (the POST /v1/jobs body)
+
+
+class TaskSpec(BaseModel):
+    """What to learn."""
+
+    model_config = _STRICT
+
+    kind: Literal["copy", "adding", "mnist", "dataset", "text"] = Field(
+        _default(TaskConfig, "kind"),
+        description="copy memory, adding, (permuted) pixel MNIST, a user JSONL dataset, or a "
+        "character-level language model on a text upload",
+    )
+    delay: int = Field(
+        _default(TaskConfig, "delay"), ge=1, le=10_000, description="copy: blanks before recall"
+    )
+    length: int = Field(
+        _default(TaskConfig, "length"), ge=2, le=10_000, description="adding: sequence length"
+    )
+    permuted: bool = Field(
+        _default(TaskConfig, "permuted"), description="mnist: one fixed, seeded permutation"
+    )
+    dataset_id: str | None = Field(
+        _default(TaskConfig, "dataset_id"),
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="dataset and text tasks: the id returned by POST /v1/datasets",
+    )
+    seq_len: int = Field(
+        _default(TaskConfig, "seq_len"), ge=2, le=10_000, description="text: window length"
+    )
+    eval_size: int = Field(
+        _default(TaskConfig, "eval_size"), ge=1, le=100_000, description="held-out examples"
+    )
+
+
+FactorPair = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+
+
+class ModelSpec(BaseModel):
+    """Which network."""
+
+    model_config = _STRICT
+
+    cell: Literal["kru", "kru_lstm", "rnn", "lstm"] = Field(
+        _default(ModelConfig, "cell"), description="KRU, KRU-LSTM, or the RNN / LSTM baselines"
+    )
+    hidden_size: int = Field(_default(ModelConfig, "hidden_size"), ge=1, le=8192)
+    factors: list[PositiveInt | FactorPair] | None = Field(
+        _default(ModelConfig, "factors"),
+        min_length=1,
+        description="Kronecker factor sizes (ints or [P, Q] pairs); null: the default split",
+    )
+    complex: bool = Field(_default(ModelConfig, "complex"), description="complex factors")
+    activation: Literal["modrelu", "split_relu", "tanh", "identity"] = Field(
+        _default(ModelConfig, "activation")
+    )
+
+
+class TrainSpec(BaseModel):
+    """How to train."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    steps: int = Field(_default(TrainConfig, "steps"), ge=1, le=10_000_000)
+    batch_size: int = Field(_default(TrainConfig, "batch_size"), ge=1, le=4096)
+    optimizer: Literal["rmsprop", "adam"] = Field(_default(TrainConfig, "optimizer"))
+    lr: float = Field(_default(TrainConfig, "lr"), gt=0, le=10)
+    factor_lr: float | None = Field(
+        _default(TrainConfig, "factor_lr"), gt=0, le=10, description="null: same as lr"
+    )
+    unitary_penalty: float = Field(_default(TrainConfig, "unitary_penalty"), ge=0, le=1e6)
+    clip_grad_norm: float | None = Field(_default(TrainConfig, "clip_grad_norm"), gt=0)
+    eval_every: int = Field(_default(TrainConfig, "eval_every"), ge=1)
+    checkpoint_every: int = Field(_default(TrainConfig, "checkpoint_every"), ge=1)
+    seed: int = Field(_default(TrainConfig, "seed"), ge=0, le=2**63 - 1)
+    device: str = Field(
+        _default(TrainConfig, "device"),
+        pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$",
+        description="auto, cpu, cuda or cuda:N",
+    )
+    max_seconds: float | None = Field(
+        _default(TrainConfig, "max_seconds"), gt=0, description="wall-clock limit of the run"
+    )
+
+
+COPY_JOB_EXAMPLE: dict[str, Any] = {
+    "name": "copy-demo",
+    "task": {"kind": "copy", "delay": 10},
+    "model": {"cell": "kru", "hidden_size": 32},
+    "train": {"steps": 300, "batch_size": 32, "lr": 0.003, "eval_every": 50, "seed": 0},
+}
+
+
+class JobSpec(BaseModel):
+    """A training job: ``task``, ``model`` and ``train`` sections and an optional name."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [COPY_JOB_EXAMPLE]}
+    )
+
+    name: str | None = Field(
+        None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$", description="a label for people"
+    )
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    def to_job_config(self) -> JobConfig:
+        """The validated :class:`JobConfig`; fields not sent keep kru_core's defaults.
+
+        Raises:
+            kru_core.config.ConfigError: a cross-field rule of kru_core (e.g. ``tanh`` with
+                complex states) fails.
+        """
+        return JobConfig.from_dict(self.model_dump(exclude_unset=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+class JobProgress(BaseModel):
+    """How far a job is."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int = Field(description="optimizer steps done")
+    total_steps: int
+    fraction: float = Field(ge=0, le=1)
+    metrics: dict[str, float] = Field(description="the latest metrics, e.g. loss, eval_accuracy")
+
+
+class Job(BaseModel):
+    """A training job and where it stands."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "8a1f0c3e6b2d4f5a9c7e1b3d5f7a9c0e",
+                    "name": "copy-demo",
+                    "status": "running",
+                    "config": COPY_JOB_EXAMPLE,
+                    "attempts": 1,
+                    "created_at": "2026-01-05T10:00:00Z",
+                    "started_at": "2026-01-05T10:00:01Z",
+                    "finished_at": None,
+                    "progress": {
+                        "step": 120,
+                        "total_steps": 300,
+                        "fraction": 0.4,
+                        "metrics": {"loss": 0.41, "eval_accuracy": 0.62},
+                    },
+                    "model_id": None,
+                    "error": None,
+                    "cancel_requested": False,
+                }
+            ]
+        },
+    )
+
+    id: str
+    name: str | None
+    status: JobStatus
+    config: dict[str, Any] = Field(description="the full training config, defaults filled in")
+    attempts: int = Field(description="how many times a worker started it (2 after a crash)")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: JobProgress
+    model_id: str | None = Field(description="the trained model, once succeeded")
+    error: str | None = Field(description="why it failed, once failed")
+    cancel_requested: bool = Field(description="a cancel was asked; the worker is stopping")
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    items: list[Job]
+    total: int = Field(description="jobs matching the filter, all pages")
+    limit: int
+    offset: int
+
+
+class MetricPoint(BaseModel):
+    """One point of a job's metric history: where, when, and the metrics at that step."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "step": 100,
+                    "time": "2026-01-05T10:00:31Z",
+                    "attempt": 1,
+                    "phase": "eval",
+                    "eval_loss": 0.49,
+                    "eval_accuracy": 0.71,
+                }
+            ]
+        },
+    )
+
+    step: int
+    time: datetime
+    attempt: int = Field(description="the attempt that recorded it (a resumed run starts > 0)")
+    phase: str = Field(description="train (throttled training loss) or eval")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+class Dataset(BaseModel):
+    """An uploaded dataset; train on it with task kind ``dataset`` (JSONL) or ``text``."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0b9d2f4a6c8e4a1b3d5f7a9c1e3b5d7f",
+                    "filename": "parity.jsonl",
+                    "kind": "jsonl",
+                    "size_bytes": 48213,
+                    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                    "summary": {"examples": 1000, "target_kind": "class", "vocab_size": 2},
+                    "created_at": "2026-01-05T09:58:00Z",
+                }
+            ]
+        },
+    )
+
+    id: str = Field(description="the stored file is named by this id, never by filename")
+    filename: str = Field(description="the uploaded file's name, for display only")
+    kind: Literal["jsonl", "text"]
+    size_bytes: int
+    sha256: str
+    summary: dict[str, Any] = Field(description="what validation found in the file")
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    """A page of datasets, newest first."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    items: list[Dataset]
+    total: int
+    limit: int
+    offset: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class Model(BaseModel):
+    """A trained model: the final checkpoint of a succeeded job."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
+                    "name": "copy-demo",
+                    "job_id": "8a1f0c3e6b2d4f5a9c7e1b3d5f7a9c0e",
+                    "config": COPY_JOB_EXAMPLE,
+                    "task": {
+                        "task_kind": "copy",
+                        "target_kind": "class",
+                        "vocab_size": 10,
+                        "output_size": 10,
+                        "per_step": True,
+                    },
+                    "metrics": {"eval_loss": 0.02, "eval_accuracy": 0.99},
+                    "parameter_counts": {"total": 1450, "recurrent": 160},
+                    "created_at": "2026-01-05T10:02:10Z",
+                }
+            ]
+        },
+    )
+
+    id: str
+    name: str | None
+    job_id: str = Field(description="the job that trained it")
+    config: dict[str, Any] = Field(description="the training config")
+    task: dict[str, Any] = Field(description="inputs and outputs the model expects")
+    metrics: dict[str, float] = Field(description="final evaluation metrics")
+    parameter_counts: dict[str, int] = Field(description="total and recurrent parameters")
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    """A page of models, newest first."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    items: list[Model]
+    total: int
+    limit: int
+    offset: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions
+
+
+TokenSequence = Annotated[list[int], Field(min_length=1)]
+FeatureSequence = Annotated[list[Annotated[list[float], Field(min_length=1)]], Field(min_length=1)]
+
+
+class PredictRequest(BaseModel):
+    """Sequences to run through a model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [[3, 1, 4, 1, 5, 2, 6, 5, 3, 5] + [0] * 9 + [9] + [0] * 10],
+                    "probabilities": False,
+                }
+            ]
+        },
+    )
+
+    inputs: list[TokenSequence | FeatureSequence] = Field(
+        min_length=1,
+        description="one entry per sequence: a list of tokens (ints) for token tasks (copy, "
+        "text, token datasets), or a list of feature vectors (lists of floats) for feature "
+        "tasks (adding: 2 per step, mnist: 1 per step)",
+    )
+    probabilities: bool = Field(False, description="also return the output probabilities")
+
+
+class PredictResponse(BaseModel):
+    """Predictions: per-step tasks give one label per step, sequence tasks one value."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
+                    "predictions": [[0] * 20 + [3, 1, 4, 1, 5, 2, 6, 5, 3, 5]],
+                }
+            ]
+        },
+    )
+
+    model_id: str
+    predictions: list[Any]
+    probabilities: list[Any] | None = None
+
+
+class GenerateRequest(BaseModel):
+    """Sample text from a character-level model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [{"prompt": "In the beginning", "max_new_tokens": 50, "temperature": 0.8}]
+        },
+    )
+
+    prompt: str = Field(
+        min_length=1,
+        description="text to continue; every character must be in the model's vocabulary",
+    )
+    max_new_tokens: int = Field(100, ge=1, description="characters to generate")
+    temperature: float = Field(1.0, ge=0, le=100, description="0: greedy")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="null: a random seed")
+
+
+class GenerateResponse(BaseModel):
+    """Generated text."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    prompt: str
+    text: str = Field(description="the generated continuation (without the prompt)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class ErrorItem(BaseModel):
+    """One problem of a request."""
+
+    field: str | None = Field(None, description="dotted path of the offending value")
+    line: int | None = Field(None, description="dataset uploads: the 1-based line number")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: a stable ``detail`` and, for invalid input, what was wrong where."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "detail": "train.lr: Input should be greater than 0",
+                    "field": "train.lr",
+                    "errors": [{"field": "train.lr", "message": "Input should be greater than 0"}],
+                }
+            ]
+        }
+    )
+
+    detail: str
+    field: str | None = None
+    errors: list[ErrorItem] | None = None
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries of the given error codes, all with :class:`ErrorResponse`."""
+    texts = {
+        401: "Missing API key",
+        403: "Invalid API key",
+        404: "Unknown id",
+        409: "Conflict with the resource's state",
+        413: "Request body too large",
+        422: "Invalid input",
+        503: "Not ready",
+    }
+    return {code: {"model": ErrorResponse, "description": texts[code]} for code in codes}
