@@ -68,25 +68,30 @@ def _is_union_tag(part: str) -> bool:
 
 
 def _validation_items(errors: Sequence[Any]) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    by_field: dict[str, dict[str, Any]] = {}
     for error in errors:
         if error.get("type") == "json_invalid":
             position = error["loc"][-1] if len(error["loc"]) > 1 else 0
             reason = (error.get("ctx") or {}).get("error", "invalid JSON")
-            message = f"malformed JSON: {reason} at position {position}"
-            items.append({"field": "body", "message": message})
-            break
-        path = field_path(error["loc"], keep_last=error.get("type") == "extra_forbidden")
-        # One message per field: a union reports every member's failure for the same value.
-        if path in seen:
-            continue
-        seen.add(path)
-        message = error["msg"]
-        if error.get("type") == "extra_forbidden":
-            message = "unknown field"
-        items.append({"field": path, "message": message})
-    return items
+            return [
+                {"field": "body", "message": f"malformed JSON: {reason} at position {position}"}
+            ]
+        extra = error.get("type") == "extra_forbidden"
+        path = field_path(error["loc"], keep_last=extra)
+        # A union reports each member's failure for the same value; keep one message per field,
+        # preferring one from a member whose type matched ("at most 2 items" over "not an int").
+        kept = by_field.get(path)
+        if kept is None or (kept["type_error"] and not _is_type_error(error)):
+            by_field[path] = {
+                "field": path,
+                "message": "unknown field" if extra else error["msg"],
+                "type_error": _is_type_error(error),
+            }
+    return [{"field": v["field"], "message": v["message"]} for v in by_field.values()]
+
+
+def _is_type_error(error: Any) -> bool:
+    return str(error.get("type", "")).endswith("_type")
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

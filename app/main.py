@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.auth import ApiKeyMiddleware
 from app.errors import install_error_handlers
 from app.events import StreamTiming
 from app.limits import BodyLimitMiddleware
@@ -82,7 +83,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.api_keys = tuple(settings.api_keys)
     app.state.sse_timing = sse_timing or StreamTiming()
     app.state.predictor = Predictor(
         cache_size=settings.model_cache_size,
@@ -103,9 +103,10 @@ def create_app(
         templates.update({id(route): prefix + route.path for route in router.routes})
 
     install_error_handlers(app)
-    # Added last = outermost: the size limit runs before anything reads the body, and metrics
-    # time everything, 413s included.
+    # Added last = outermost. Metrics see every answer; auth refuses before a byte of the body
+    # is read; the size limit runs before anything parses it.
     app.add_middleware(BodyLimitMiddleware, limit_for=request_limit(settings))
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected_prefix=API_PREFIX)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, templates=templates)
     return app
 

@@ -14,17 +14,21 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kru_core.errors import InputError
-from kru_core.inference import LoadedModel
 
-Loader = Callable[[Path], LoadedModel]
+if TYPE_CHECKING:
+    from kru_core.inference import LoadedModel
+
+Loader = Callable[[Path], "LoadedModel"]
 
 
 def _load_on_cpu(checkpoint: Path) -> LoadedModel:
+    from kru_core.inference import LoadedModel
+
     return LoadedModel.from_checkpoint(checkpoint, device="cpu")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Security, UploadFile
 
-from app.auth import require_api_key
+from app.auth import bearer_scheme
 from app.deps import DatasetId
 from app.schemas import Dataset, DatasetList, error_responses
 from worker import service
@@ -14,7 +14,7 @@ from worker import service
 router = APIRouter(
     prefix="/datasets",
     tags=["datasets"],
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Security(bearer_scheme)],
     responses=error_responses(401, 403),
 )
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Security
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import require_api_key
+from app.auth import bearer_scheme
 from app.deps import JobId
 from app.events import job_event_stream
 from app.schemas import Job, JobList, JobSpec, JobStatus, MetricPoint, error_responses
@@ -17,7 +17,7 @@ from worker import service
 router = APIRouter(
     prefix="/jobs",
     tags=["jobs"],
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Security(bearer_scheme)],
     responses=error_responses(401, 403),
 )
 

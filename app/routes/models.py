@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query, Security
 
-from app.auth import require_api_key
+from app.auth import bearer_scheme
 from app.deps import MetricsDep, ModelId, PredictorDep
 from app.schemas import (
     GenerateRequest,
@@ -23,7 +23,7 @@ from worker import service
 router = APIRouter(
     prefix="/models",
     tags=["models"],
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Security(bearer_scheme)],
     responses=error_responses(401, 403),
 )
 
