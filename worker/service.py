@@ -10,27 +10,48 @@ Errors: :class:`~worker.errors.NotFound` (404), :class:`~worker.errors.Conflict`
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select
+
 from kru_core.config import JobConfig
-from worker.settings import Settings
-from worker.views import DatasetView, EventView, JobView, ModelView, Page
+from worker import context, jobs
+from worker.datasets import store_upload
+from worker.errors import Conflict, Invalid, NotFound, Unavailable
+from worker.models import Dataset, Job, JobEvent, MetricPoint, Model
+from worker.settings import Settings, get_settings
+from worker.views import (
+    FINISHED_STATUSES,
+    JOB_STATUSES,
+    DatasetView,
+    EventView,
+    JobView,
+    ModelView,
+    Page,
+    ProgressView,
+)
+
+MAX_PAGE = 500
 
 
 def init(settings: Settings | None = None) -> None:
-    """Open the store and the broker connection for this process (default: ``get_settings()``).
+    """Open the store (creating tables) and the broker connection for this process (default:
+    ``get_settings()``).
 
     Idempotent; calling it again with other settings closes the previous ones (tests).
     """
-    raise NotImplementedError
+    context.init(settings or get_settings())
 
 
 def shutdown() -> None:
     """Close the store's connections and the broker connection pool."""
-    raise NotImplementedError
+    context.close()
 
 
 def settings() -> Settings:
     """The settings :func:`init` was called with."""
-    raise NotImplementedError
+    return context.current().settings
 
 
 # --- jobs -------------------------------------------------------------------------------------
@@ -45,12 +66,41 @@ def submit_job(config: JobConfig, *, name: str | None = None) -> JobView:
     ``task.dataset_id``). When the broker is down the job stays ``queued`` and is enqueued by the
     reaper once the broker is back.
     """
-    raise NotImplementedError
+    ctx = context.current()
+    limit = ctx.settings.max_steps_per_job
+    if config.train.steps > limit:
+        raise Invalid("train.steps", f"expected at most {limit} steps, got {config.train.steps}")
+    _check_dataset(ctx, config)
+    data = config.to_dict()
+    if name is not None:
+        data["name"] = name
+    job_id = uuid.uuid4().hex
+    jobs.create(ctx.store, job_id=job_id, name=data.get("name"), config=data)
+    if ctx.enqueue(job_id):
+        jobs.mark_enqueued(ctx.store, job_id)
+    return get_job(job_id)
+
+
+def _check_dataset(ctx: context.Context, config: JobConfig) -> None:
+    task = config.task
+    if task.kind not in ("dataset", "text"):
+        return
+    wanted = "jsonl" if task.kind == "dataset" else "text"
+    with ctx.store.reading() as db:
+        row = db.get(Dataset, task.dataset_id) if task.dataset_id else None
+    if row is None:
+        raise Invalid("task.dataset_id", f"dataset {task.dataset_id!r} not found")
+    if row.kind != wanted:
+        raise Invalid(
+            "task.dataset_id",
+            f"task {task.kind!r} needs a {wanted} dataset, got a {row.kind} dataset",
+        )
 
 
 def get_job(job_id: str) -> JobView:
     """The job; ``NotFound`` for an unknown id."""
-    raise NotImplementedError
+    with context.current().store.reading() as db:
+        return _job_view(_get(db, Job, job_id, "job"))
 
 
 def list_jobs(*, status: str | None = None, limit: int = 50, offset: int = 0) -> Page[JobView]:
@@ -59,7 +109,18 @@ def list_jobs(*, status: str | None = None, limit: int = 50, offset: int = 0) ->
     ``Invalid`` (field ``status``, ``limit`` or ``offset``) for an unknown status, a limit outside
     1..500 or a negative offset.
     """
-    raise NotImplementedError
+    if status is not None and status not in JOB_STATUSES:
+        raise Invalid("status", f"expected one of {list(JOB_STATUSES)}, got {status!r}")
+    _check_page(limit, offset)
+    query = select(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+    with context.current().store.reading() as db:
+        total = db.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = db.scalars(
+            query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+        ).all()
+        return Page([_job_view(r) for r in rows], total, limit, offset)
 
 
 def cancel_job(job_id: str) -> JobView:
@@ -70,10 +131,17 @@ def cancel_job(job_id: str) -> JobView:
     ``cancelled``. Cancelling a job that already has a cancel pending returns it unchanged.
     ``NotFound`` for an unknown id; ``Conflict`` for a finished job.
     """
-    raise NotImplementedError
+    before = jobs.request_cancel(context.current().store, job_id)
+    if before is None:
+        raise NotFound(f"job {job_id!r} not found")
+    if before in FINISHED_STATUSES:
+        raise Conflict(
+            f"job {job_id!r} is already {before}; only queued or running jobs can be cancelled"
+        )
+    return get_job(job_id)
 
 
-def job_metrics(job_id: str) -> list[dict[str, object]]:
+def job_metrics(job_id: str) -> list[dict[str, Any]]:
     """The metric history, oldest first: ``{"step", "time", "attempt", "phase", <metric>: value}``.
 
     ``time`` is an ISO 8601 UTC string, ``attempt`` the attempt that recorded the point (after a
@@ -81,7 +149,21 @@ def job_metrics(job_id: str) -> list[dict[str, object]]:
     ``"train"`` (throttled training loss) or ``"eval"`` (every evaluation). ``NotFound`` for an
     unknown id.
     """
-    raise NotImplementedError
+    with context.current().store.reading() as db:
+        _get(db, Job, job_id, "job")
+        rows = db.scalars(
+            select(MetricPoint).where(MetricPoint.job_id == job_id).order_by(MetricPoint.id)
+        ).all()
+        return [
+            {
+                **r.metrics,
+                "step": r.step,
+                "time": r.time.isoformat().replace("+00:00", "Z"),
+                "attempt": r.attempt,
+                "phase": r.phase,
+            }
+            for r in rows
+        ]
 
 
 def job_events(job_id: str, *, after: int = 0, limit: int = 1000) -> list[EventView]:
@@ -90,12 +172,24 @@ def job_events(job_id: str, *, after: int = 0, limit: int = 1000) -> list[EventV
     The stream should end once the job's status is finished and no events are left.
     ``NotFound`` for an unknown id.
     """
-    raise NotImplementedError
+    with context.current().store.reading() as db:
+        _get(db, Job, job_id, "job")
+        rows = db.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(max(1, min(limit, 10_000)))
+        ).all()
+        return [EventView(r.id, r.job_id, r.kind, dict(r.data), r.time) for r in rows]  # type: ignore[arg-type]
 
 
 def job_counts_by_status() -> dict[str, int]:
     """``{status: count}`` for every status (zeros included), for Prometheus."""
-    raise NotImplementedError
+    counts = dict.fromkeys(JOB_STATUSES, 0)
+    with context.current().store.reading() as db:
+        for status, count in db.execute(select(Job.status, func.count()).group_by(Job.status)):
+            counts[status] = int(count)
+    return counts
 
 
 # --- datasets ---------------------------------------------------------------------------------
@@ -104,23 +198,33 @@ def job_counts_by_status() -> dict[str, int]:
 def create_dataset(filename: str, content: bytes, *, kind: str | None = None) -> DatasetView:
     """Validate and store an uploaded dataset under a new id; return it.
 
-    ``kind`` is ``"jsonl"`` or ``"text"``; ``None`` infers it from the file name (``.jsonl`` and
-    ``.json``: JSONL, anything else: text). ``filename`` is only displayed, never used as a path.
-    Raises ``Invalid``: field ``file`` for an empty or oversized file, non-UTF-8 bytes, or bad
-    JSONL lines (``errors`` holds every ``(line_number, message)``, ``detail`` names the first
-    lines); field ``kind`` for an unknown kind. Nothing is stored when it raises.
+    ``kind`` is ``"jsonl"`` or ``"text"``; ``None`` infers it from the file name (``.jsonl``,
+    ``.json`` and ``.ndjson``: JSONL, anything else: text). ``filename`` is only displayed, never
+    used as a path. Raises ``Invalid``: field ``file`` for an empty or oversized file, non-UTF-8
+    bytes, or bad JSONL lines (``errors`` holds every ``(line_number, message)``, ``detail`` names
+    the first lines); field ``kind`` for an unknown kind. Nothing is stored when it raises.
     """
-    raise NotImplementedError
+    return _dataset_view(store_upload(context.current(), filename, content, kind))
 
 
 def list_datasets(*, limit: int = 50, offset: int = 0) -> Page[DatasetView]:
     """Datasets newest first."""
-    raise NotImplementedError
+    _check_page(limit, offset)
+    with context.current().store.reading() as db:
+        total = db.scalar(select(func.count()).select_from(Dataset)) or 0
+        rows = db.scalars(
+            select(Dataset)
+            .order_by(Dataset.created_at.desc(), Dataset.id)
+            .limit(limit)
+            .offset(offset)
+        ).all()
+        return Page([_dataset_view(r) for r in rows], total, limit, offset)
 
 
 def get_dataset(dataset_id: str) -> DatasetView:
     """The dataset; ``NotFound`` for an unknown id."""
-    raise NotImplementedError
+    with context.current().store.reading() as db:
+        return _dataset_view(_get(db, Dataset, dataset_id, "dataset"))
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -128,22 +232,102 @@ def get_dataset(dataset_id: str) -> DatasetView:
 
 def list_models(*, limit: int = 50, offset: int = 0) -> Page[ModelView]:
     """Registered models newest first."""
-    raise NotImplementedError
+    _check_page(limit, offset)
+    with context.current().store.reading() as db:
+        total = db.scalar(select(func.count()).select_from(Model)) or 0
+        rows = db.scalars(
+            select(Model).order_by(Model.created_at.desc(), Model.id).limit(limit).offset(offset)
+        ).all()
+        return Page([_model_view(r) for r in rows], total, limit, offset)
 
 
 def get_model(model_id: str) -> ModelView:
     """The model (``checkpoint`` is the directory to load for predictions); ``NotFound``."""
-    raise NotImplementedError
+    with context.current().store.reading() as db:
+        return _model_view(_get(db, Model, model_id, "model"))
 
 
 # --- health -----------------------------------------------------------------------------------
 
 
 def check_database() -> None:
-    """Raise ``Unavailable`` unless the job store answers a query (within a few seconds)."""
-    raise NotImplementedError
+    """Raise ``Unavailable`` unless the job store answers a query."""
+    try:
+        context.current().store.ping()
+    except Exception as exc:
+        raise Unavailable(f"database unreachable: {type(exc).__name__}") from exc
 
 
 def check_broker() -> None:
-    """Raise ``Unavailable`` unless the broker accepts a connection (within a few seconds)."""
-    raise NotImplementedError
+    """Raise ``Unavailable`` unless the broker answers (Redis ``PING`` or an SQL query)."""
+    try:
+        context.current().ping_broker()
+    except Exception as exc:
+        raise Unavailable(f"broker unreachable: {type(exc).__name__}") from exc
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _get(db: Any, table: type, key: str, what: str) -> Any:
+    row = db.get(table, key) if isinstance(key, str) and len(key) <= 64 else None
+    if row is None:
+        raise NotFound(f"{what} {key!r} not found")
+    return row
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise Invalid("limit", f"expected 1 to {MAX_PAGE}, got {limit}")
+    if offset < 0:
+        raise Invalid("offset", f"expected a value >= 0, got {offset}")
+
+
+def _job_view(job: Job) -> JobView:
+    total = job.total_steps
+    return JobView(
+        id=job.id,
+        name=job.name,
+        status=job.status,  # type: ignore[arg-type]
+        config=dict(job.config),
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        progress=ProgressView(
+            step=job.step,
+            total_steps=total,
+            fraction=min(1.0, job.step / total) if total else 0.0,
+            metrics=dict(job.metrics or {}),
+        ),
+        model_id=job.model_id,
+        error=job.error,
+        cancel_requested=job.cancel_requested,
+        worker=job.worker,
+    )
+
+
+def _dataset_view(row: Dataset) -> DatasetView:
+    return DatasetView(
+        id=row.id,
+        filename=row.filename,
+        kind=row.kind,  # type: ignore[arg-type]
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        summary=dict(row.summary),
+        created_at=row.created_at,
+    )
+
+
+def _model_view(row: Model) -> ModelView:
+    return ModelView(
+        id=row.id,
+        name=row.name,
+        job_id=row.job_id,
+        config=dict(row.config),
+        task=dict(row.task),
+        metrics=dict(row.metrics),
+        parameter_counts=dict(row.parameter_counts),
+        checkpoint=context.current().settings.data_dir / row.checkpoint,
+        created_at=row.created_at,
+    )

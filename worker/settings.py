@@ -34,7 +34,6 @@ class Settings(BaseSettings):
         broker_url: the Celery broker; default kombu's SQLAlchemy transport on
             ``sqla+sqlite:///<data_dir>/broker.db`` (no server). Deployments: ``redis://...``.
         queue_name: the Celery queue training jobs go to.
-        broker_poll_interval: seconds between polls of the SQLAlchemy transport.
         visibility_timeout: seconds before Redis redelivers an unacknowledged message; must
             exceed ``max_job_seconds`` or a long job is delivered twice.
 
@@ -65,7 +64,6 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     queue_name: str = Field("kru", pattern=r"^[A-Za-z0-9_.\-]{1,100}$")
-    broker_poll_interval: float = Field(0.5, gt=0, le=60)
     visibility_timeout: int = Field(2 * 24 * 3600, ge=60)
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
@@ -125,6 +123,15 @@ class Settings(BaseSettings):
                 f"heartbeat_interval ({self.heartbeat_interval} s)"
             )
         return self
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``KRU_*`` variables (for a subprocess that must share them)."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            text = ",".join(value) if isinstance(value, list) else str(value)
+            env[f"KRU_{name.upper()}"] = text
+        return env
 
     @property
     def is_embedded_broker(self) -> bool:

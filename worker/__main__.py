@@ -1,0 +1,21 @@
+"""``python -m worker [--parent-pid PID]``: a worker process (what ``kru serve`` starts)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from worker.runner import run_worker
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="stop when this process is gone"
+    )
+    args = parser.parse_args(argv)
+    return run_worker(parent_pid=args.parent_pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

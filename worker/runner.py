@@ -1,0 +1,186 @@
+"""Process entry points: ``kru worker`` (:func:`run_worker`) and ``kru serve`` (:func:`run_serve`).
+
+A worker is a Celery worker with ``--pool solo`` and concurrency 1: the job runs in the worker's
+main process, which never forks, so CUDA is safe to use there; one worker per GPU. SIGTERM (or a
+first Ctrl-C) is Celery's warm shutdown: the running job stops at its next step, saves a
+checkpoint, goes back to the queue and is enqueued again, and the worker exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+
+from worker import context, execution
+from worker.reaper import Reaper
+from worker.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+#: How long ``kru serve`` waits for its worker to checkpoint and exit before killing it.
+WORKER_STOP_TIMEOUT_S = 60.0
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``level`` (entry points only; libraries just log)."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+    )
+
+
+def run_worker(settings: Settings | None = None, *, parent_pid: int | None = None) -> int:
+    """Run a worker until it is stopped (SIGTERM, Ctrl-C); return its exit status.
+
+    Args:
+        settings: default ``get_settings()``.
+        parent_pid: stop (warm) when this process is gone; ``kru serve`` passes its own pid.
+    """
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    ctx = context.init(settings)
+    from celery import signals
+
+    signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
+    reaper = Reaper(ctx)
+    reaper.start()
+    if parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    argv = [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        f"--loglevel={settings.log_level}",
+        f"--hostname=kru-{os.getpid()}@{socket.gethostname()}",
+        f"--queues={settings.queue_name}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    logger.info("worker starting: queue %s, broker %s", settings.queue_name, _safe(settings))
+    code = 0
+    try:
+        ctx.celery.worker_main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    finally:
+        reaper.stop()
+        context.close()
+    return code
+
+
+def _on_shutting_down(**_: object) -> None:
+    execution.shutdown_requested.set()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    logger.warning("parent process %d is gone; shutting down", parent_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _safe(settings: Settings) -> str:
+    url = settings.broker_url
+    if "@" in url:  # hide credentials
+        scheme, rest = url.split("://", 1)
+        url = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+class WorkerSupervisor:
+    """Runs one worker subprocess (``python -m worker``) and restarts it if it dies."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.env = {**os.environ, **settings.to_env()}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._spawn()
+        self._monitor = threading.Thread(target=self._watch, name="kru-worker-watch", daemon=True)
+        self._monitor.start()
+
+    def _spawn(self) -> None:
+        # A new session: a terminal Ctrl-C reaches only kru serve, which then stops the worker
+        # exactly once (a second SIGINT would be Celery's cold shutdown).
+        cmd = [sys.executable, "-m", "worker", "--parent-pid", str(os.getpid())]
+        self.proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+        logger.info("started worker process %d", self.proc.pid)
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            proc = self.proc
+            assert proc is not None
+            started = time.monotonic()
+            code = proc.wait()
+            if self._stopping.is_set():
+                return
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+            logger.error(
+                "worker process %d exited with %s; restarting in %g s", proc.pid, code, delay
+            )
+            if self._stopping.wait(delay):
+                return
+            self._spawn()
+
+    def stop(self, timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
+        """SIGTERM the worker (it checkpoints and requeues its job), wait, then kill it."""
+        self._stopping.set()
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("worker process %d did not stop in %g s; killing it", proc.pid, timeout)
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> int:
+    """Run the API (uvicorn, in this process) and one worker subprocess until Ctrl-C or SIGTERM,
+    then stop both: the API first, then the worker (its job checkpoints and is requeued)."""
+    import uvicorn
+
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    context.init(settings)  # tables exist before the two processes race to create them
+    supervisor = WorkerSupervisor(settings)
+    supervisor.start()
+    signals_seen: list[int] = []
+
+    def on_signal(sig: int, _frame: FrameType | None) -> None:
+        # uvicorn re-raises the signal that stopped it; this keeps it from killing us before the
+        # worker is stopped. A second one while stopping kills the worker.
+        signals_seen.append(sig)
+        if len(signals_seen) > 1:
+            supervisor.kill()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        from app.main import create_app
+
+        config = uvicorn.Config(
+            create_app(settings), host=host, port=port, log_level=settings.log_level.lower()
+        )
+        uvicorn.Server(config).run()
+    finally:
+        logger.info("stopping the worker")
+        supervisor.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
