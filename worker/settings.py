@@ -57,7 +57,11 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="KRU_", env_file=".env", extra="ignore", validate_default=True
+        env_prefix="KRU_",
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
     )
 
     data_dir: Path = Path(".kru")

@@ -1,0 +1,215 @@
+"""Jobs survive their workers: SIGKILL, SIGTERM, duplicate deliveries, restarts, max attempts.
+
+Real worker subprocesses against real SQLite / PostgreSQL stores and the SQLAlchemy / Redis
+brokers (see ``conftest.py``: a job is lost after 3 s without a heartbeat, the reaper sweeps
+every 0.5 s).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from kru_core.config import JobConfig
+from worker import context, jobs, service
+from worker.views import FINISHED_STATUSES, JobView
+
+if TYPE_CHECKING:
+    from conftest import ServiceEnv
+
+pytestmark = pytest.mark.slow
+
+#: Long enough to be caught mid-run, short enough to finish soon after a resume.
+STEPS = 600
+CHECKPOINT_EVERY = 40
+
+
+def finished(job_id: str) -> JobView | None:
+    job = service.get_job(job_id)
+    return job if job.status in FINISHED_STATUSES else None
+
+
+def status_events(job_id: str) -> list[dict[str, Any]]:
+    return [e.data for e in service.job_events(job_id) if e.kind == "status"]
+
+
+def saved_steps(env: ServiceEnv, job_id: str) -> list[int]:
+    run_dir = env.settings.jobs_dir / job_id
+    return sorted(int(p.name.split("-")[1]) for p in run_dir.glob("step-*"))
+
+
+def long_job(config: Callable[..., JobConfig]) -> JobConfig:
+    return config(steps=STEPS, checkpoint_every=CHECKPOINT_EVERY, eval_every=CHECKPOINT_EVERY)
+
+
+def step_at_least(job_id: str, step: int) -> bool:
+    return service.get_job(job_id).progress.step >= step
+
+
+def test_killed_worker_job_resumes_from_its_checkpoint_on_a_new_worker(
+    service_env: ServiceEnv,
+    worker_process: Callable[..., Any],
+    wait_until: Callable[..., Any],
+    small_copy_config: Callable[..., JobConfig],
+) -> None:
+    first = worker_process(service_env)
+    job = service.submit_job(long_job(small_copy_config))
+    wait_until(
+        lambda: step_at_least(job.id, 2 * CHECKPOINT_EVERY + 5), timeout=90, what="two checkpoints"
+    )
+    first.kill()
+    checkpoint = saved_steps(service_env, job.id)[-1]
+    assert checkpoint >= 2 * CHECKPOINT_EVERY
+    assert service.get_job(job.id).status == "running"  # until the reaper sees it
+
+    second = worker_process(service_env)
+    done = wait_until(lambda: finished(job.id), timeout=120, what="the resumed job")
+    assert done.status == "succeeded", (done.error, second.log()[-3000:])
+    assert done.attempts == 2 and done.progress.step == STEPS
+
+    history = service.job_metrics(job.id)
+    resumed = [p["step"] for p in history if p["attempt"] == 2]
+    assert min(resumed) == checkpoint + 1, (checkpoint, resumed[:5])  # not step 0
+    assert max(p["step"] for p in history if p["attempt"] == 1) > checkpoint
+    events = status_events(job.id)
+    assert {"status": "queued", "attempt": 1, "reason": "worker lost (heartbeat stale)"} in events
+    assert {"status": "running", "attempt": 2, "resumed_from_step": checkpoint} in events
+    running = [e["worker"] for e in events if e["status"] == "running" and "worker" in e]
+    assert [w.rsplit(":", 1)[1] for w in running] == [str(first.pid), str(second.pid)]
+    assert service.get_model(done.model_id).checkpoint.name == f"step-{STEPS:09d}"
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(
+    sqlite_env: ServiceEnv,
+    worker_process: Callable[..., Any],
+    wait_until: Callable[..., Any],
+    small_copy_config: Callable[..., JobConfig],
+) -> None:
+    first = worker_process(sqlite_env, max_attempts=1)
+    job = service.submit_job(long_job(small_copy_config))
+    wait_until(lambda: step_at_least(job.id, 5), timeout=90, what="the job to run")
+    first.kill()
+    worker_process(sqlite_env, max_attempts=1)
+    done = wait_until(lambda: finished(job.id), timeout=60, what="the reaper")
+    assert done.status == "failed" and done.attempts == 1
+    assert done.error.startswith("gave up after 1 attempts: the worker running the job stopped")
+
+
+def test_duplicate_delivery_of_a_running_job_is_a_no_op(
+    redis_pg_env: ServiceEnv,
+    worker_process: Callable[..., Any],
+    wait_until: Callable[..., Any],
+    small_copy_config: Callable[..., JobConfig],
+) -> None:
+    holder = worker_process(redis_pg_env)
+    job = service.submit_job(long_job(small_copy_config))
+    wait_until(lambda: step_at_least(job.id, 5), timeout=90, what="the job to run")
+    other = worker_process(redis_pg_env)
+    other.wait_ready()
+    assert context.current().enqueue(job.id)  # the same job id, delivered a second time
+    wait_until(
+        lambda: f"job {job.id}: not claimable" in other.log(),
+        timeout=30,
+        what="the second worker to receive and skip the duplicate",
+    )
+    assert service.get_job(job.id).status == "running"
+    done = wait_until(lambda: finished(job.id), timeout=120, what="the job")
+    assert done.status == "succeeded" and done.attempts == 1
+    running = [e for e in status_events(job.id) if e["status"] == "running"]
+    assert running == [{"status": "running", "attempt": 1, "worker": running[0]["worker"]}]
+    assert running[0]["worker"].endswith(f":{holder.pid}")
+    train = [p["step"] for p in service.job_metrics(job.id) if p["phase"] == "train"]
+    assert train == sorted(set(train))  # one run: no step recorded twice
+    assert f"job {job.id}: attempt" not in other.log()
+
+
+def test_restart_keeps_everything_and_runs_queued_jobs(
+    sqlite_env: ServiceEnv,
+    worker_process: Callable[..., Any],
+    wait_until: Callable[..., Any],
+    small_copy_config: Callable[..., JobConfig],
+) -> None:
+    worker = worker_process(sqlite_env)
+    dataset = service.create_dataset("kept.txt", b"to be or not to be\n" * 10)
+    first = service.submit_job(small_copy_config(steps=60))
+    done = wait_until(lambda: finished(first.id), timeout=90, what="the first job")
+    assert done.status == "succeeded"
+    metrics = service.job_metrics(first.id)
+    assert worker.terminate() == 0
+
+    service.shutdown()  # the API goes down too, and comes back
+    service.init(sqlite_env.settings)
+    queued = service.submit_job(small_copy_config(steps=30))
+    never_sent = uuid.uuid4().hex  # committed, then the API died before publishing it
+    jobs.create(
+        context.current().store,
+        job_id=never_sent,
+        name=None,
+        config=small_copy_config(steps=30).to_dict(),
+    )
+    time.sleep(1.5)
+    assert service.get_job(queued.id).status == "queued"  # no worker yet
+
+    assert service.get_job(first.id) == done
+    assert service.job_metrics(first.id) == metrics
+    assert service.get_dataset(dataset.id) == dataset
+    assert service.get_model(done.model_id).checkpoint.is_dir()
+
+    worker_process(sqlite_env)
+    for job_id in (queued.id, never_sent):
+        ended = wait_until(lambda j=job_id: finished(j), timeout=90, what=f"job {job_id}")
+        assert ended.status == "succeeded" and ended.attempts == 1
+
+
+def test_sigterm_checkpoints_requeues_and_the_job_finishes_later(
+    service_env: ServiceEnv,
+    worker_process: Callable[..., Any],
+    wait_until: Callable[..., Any],
+    small_copy_config: Callable[..., JobConfig],
+) -> None:
+    first = worker_process(service_env)
+    job = service.submit_job(long_job(small_copy_config))
+    wait_until(
+        lambda: step_at_least(job.id, CHECKPOINT_EVERY + 5), timeout=90, what="the job to run"
+    )
+    assert first.terminate(timeout=30) == 0
+    stopped = service.get_job(job.id)
+    assert stopped.status == "queued", (stopped, first.log()[-3000:])
+    assert stopped.attempts == 0  # a graceful hand-back is not a failed attempt
+    at = saved_steps(service_env, job.id)[-1]
+    assert at == stopped.progress.step and at > CHECKPOINT_EVERY  # saved where it stopped
+    assert status_events(job.id)[-1] == {
+        "status": "queued",
+        "attempt": 1,
+        "reason": "worker shutting down",
+    }
+
+    worker_process(service_env)
+    done = wait_until(lambda: finished(job.id), timeout=120, what="the requeued job")
+    assert done.status == "succeeded" and done.attempts == 1
+    assert {"status": "running", "attempt": 1, "resumed_from_step": at} in status_events(job.id)
+
+
+def test_cancel_of_a_job_whose_worker_died_ends_cancelled(
+    sqlite_env: ServiceEnv,
+    worker_process: Callable[..., Any],
+    wait_until: Callable[..., Any],
+    small_copy_config: Callable[..., JobConfig],
+) -> None:
+    first = worker_process(sqlite_env)
+    job = service.submit_job(long_job(small_copy_config))
+    wait_until(
+        lambda: step_at_least(job.id, CHECKPOINT_EVERY + 5), timeout=90, what="the job to run"
+    )
+    first.kill()
+    assert service.cancel_job(job.id).cancel_requested
+    worker_process(sqlite_env)
+    done = wait_until(lambda: finished(job.id), timeout=60, what="the reaper")
+    assert done.status == "cancelled"
+    assert saved_steps(sqlite_env, job.id)  # its checkpoints are kept
+    assert Path(sqlite_env.settings.jobs_dir / job.id).is_dir()
