@@ -25,6 +25,9 @@ from .specs import container_command
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 KRU = Path(sys.executable).with_name("kru")
 T = TypeVar("T")
+#: Exit statuses of a graceful stop: 0, or death by the SIGTERM that uvicorn re-raises once it
+#: has shut down (what a shell or Docker reports as 143).
+CLEAN_EXIT = (0, -signal.SIGTERM)
 
 
 def wait_until(predicate: Callable[[], T], *, timeout: float, what: str) -> T:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .processes import clean_env, free_port, kru_argv, started, wait_ready, wait_until
+from .processes import CLEAN_EXIT, clean_env, free_port, kru_argv, started, wait_ready, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,4 +75,5 @@ def test_sigterm_finishes_the_request_in_flight(tmp_path: Path) -> None:
         assert status == 202, payload
         assert json.loads(payload)["status"] == "queued"
         assert len(payload) == int(headers["content-length"])  # whole, then the server closed
-        assert api.proc.wait(30) == 0, api.output()[-3000:]
+        # Then it exits: 0, or (uvicorn re-raises the signal it handled) "terminated by SIGTERM".
+        assert api.proc.wait(30) in CLEAN_EXIT, api.output()[-3000:]
