@@ -11,6 +11,7 @@ database or broker cannot be reached.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -106,9 +107,37 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(
-        error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers
-    )
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's "There was an error parsing the body" (bytes that are not UTF-8, a broken
+        # multipart stream): invalid input like malformed JSON, so the same 422 and shape.
+        detail = f"malformed request body: {_reason(exc.__cause__)}"
+        return JSONResponse(
+            error_body(detail, field="body", errors=[{"field": "body", "message": detail}]),
+            status_code=422,
+        )
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route matching the path; list them all.
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    state = request.app.state
+    if getattr(state, "method_table", None) is None:
+        table = []
+        for template, operations in request.app.openapi()["paths"].items():
+            pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+            table.append((re.compile(pattern), sorted(m.upper() for m in operations)))
+        state.method_table = table
+    path = request.url.path
+    return sorted({m for rx, methods in state.method_table if rx.fullmatch(path) for m in methods})
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid {exc.encoding} (byte {exc.start})"
+    return str(exc)[:200] or type(exc).__name__
 
 
 def _invalid_field(request: Request, field: str, message: str) -> JSONResponse:

@@ -12,7 +12,7 @@ import dataclasses
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from kru_core.config import JobConfig, ModelConfig, TaskConfig, TrainConfig
 
@@ -20,6 +20,22 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+
+# Integers a JSON client can round-trip exactly (JavaScript, and JSON Schema validators that
+# compare through floats); seeds above it are refused although kru_core takes up to 2**63 - 1.
+MAX_JSON_INT = 2**53 - 1
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    """JSON has one number type: ``2.0`` is the integer 2 (as in JSON Schema); ``2.5`` is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer in strict request models: strings and fractional numbers are refused, ``2.0`` passes.
+JsonInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
+JsonPositiveInt = Annotated[JsonInt, Field(gt=0)]
 
 
 def _default(cls: type, name: str) -> Any:
@@ -41,10 +57,10 @@ class TaskSpec(BaseModel):
         description="copy memory, adding, (permuted) pixel MNIST, a user JSONL dataset, or a "
         "character-level language model on a text upload",
     )
-    delay: int = Field(
+    delay: JsonInt = Field(
         _default(TaskConfig, "delay"), ge=1, le=10_000, description="copy: blanks before recall"
     )
-    length: int = Field(
+    length: JsonInt = Field(
         _default(TaskConfig, "length"), ge=2, le=10_000, description="adding: sequence length"
     )
     permuted: bool = Field(
@@ -55,15 +71,15 @@ class TaskSpec(BaseModel):
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="dataset and text tasks: the id returned by POST /v1/datasets",
     )
-    seq_len: int = Field(
+    seq_len: JsonInt = Field(
         _default(TaskConfig, "seq_len"), ge=2, le=10_000, description="text: window length"
     )
-    eval_size: int = Field(
+    eval_size: JsonInt = Field(
         _default(TaskConfig, "eval_size"), ge=1, le=100_000, description="held-out examples"
     )
 
 
-FactorPair = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+FactorPair = Annotated[list[JsonPositiveInt], Field(min_length=2, max_length=2)]
 
 
 class ModelSpec(BaseModel):
@@ -74,8 +90,8 @@ class ModelSpec(BaseModel):
     cell: Literal["kru", "kru_lstm", "rnn", "lstm"] = Field(
         _default(ModelConfig, "cell"), description="KRU, KRU-LSTM, or the RNN / LSTM baselines"
     )
-    hidden_size: int = Field(_default(ModelConfig, "hidden_size"), ge=1, le=8192)
-    factors: list[PositiveInt | FactorPair] | None = Field(
+    hidden_size: JsonInt = Field(_default(ModelConfig, "hidden_size"), ge=1, le=8192)
+    factors: list[JsonPositiveInt | FactorPair] | None = Field(
         _default(ModelConfig, "factors"),
         min_length=1,
         description="Kronecker factor sizes (ints or [P, Q] pairs); null: the default split",
@@ -91,8 +107,8 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    steps: int = Field(_default(TrainConfig, "steps"), ge=1, le=10_000_000)
-    batch_size: int = Field(_default(TrainConfig, "batch_size"), ge=1, le=4096)
+    steps: JsonInt = Field(_default(TrainConfig, "steps"), ge=1, le=10_000_000)
+    batch_size: JsonInt = Field(_default(TrainConfig, "batch_size"), ge=1, le=4096)
     optimizer: Literal["rmsprop", "adam"] = Field(_default(TrainConfig, "optimizer"))
     lr: float = Field(_default(TrainConfig, "lr"), gt=0, le=10)
     factor_lr: float | None = Field(
@@ -100,9 +116,9 @@ class TrainSpec(BaseModel):
     )
     unitary_penalty: float = Field(_default(TrainConfig, "unitary_penalty"), ge=0, le=1e6)
     clip_grad_norm: float | None = Field(_default(TrainConfig, "clip_grad_norm"), gt=0)
-    eval_every: int = Field(_default(TrainConfig, "eval_every"), ge=1)
-    checkpoint_every: int = Field(_default(TrainConfig, "checkpoint_every"), ge=1)
-    seed: int = Field(_default(TrainConfig, "seed"), ge=0, le=2**63 - 1)
+    eval_every: JsonInt = Field(_default(TrainConfig, "eval_every"), ge=1)
+    checkpoint_every: JsonInt = Field(_default(TrainConfig, "checkpoint_every"), ge=1)
+    seed: JsonInt = Field(_default(TrainConfig, "seed"), ge=0, le=MAX_JSON_INT)
     device: str = Field(
         _default(TrainConfig, "device"),
         pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$",
@@ -143,6 +159,25 @@ class JobSpec(BaseModel):
                 complex states) fails.
         """
         return JobConfig.from_dict(self.model_dump(exclude_unset=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Query strings of the list routes (unknown parameters are refused, like unknown body fields)
+
+
+class PageQuery(BaseModel):
+    """A page of a list, newest first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(50, ge=1, le=500, description="items per page")
+    offset: int = Field(0, ge=0, le=1_000_000_000, description="items to skip")
+
+
+class JobQuery(PageQuery):
+    """A page of jobs, optionally with one status."""
+
+    status: JobStatus | None = Field(None, description="only jobs with this status")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +376,7 @@ class ModelList(BaseModel):
 # Predictions
 
 
-TokenSequence = Annotated[list[int], Field(min_length=1)]
+TokenSequence = Annotated[list[JsonInt], Field(min_length=1)]
 FeatureSequence = Annotated[list[Annotated[list[float], Field(min_length=1)]], Field(min_length=1)]
 
 
@@ -406,9 +441,9 @@ class GenerateRequest(BaseModel):
         min_length=1,
         description="text to continue; every character must be in the model's vocabulary",
     )
-    max_new_tokens: int = Field(100, ge=1, description="characters to generate")
+    max_new_tokens: JsonInt = Field(100, ge=1, description="characters to generate")
     temperature: float = Field(1.0, ge=0, le=100, description="0: greedy")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="null: a random seed")
+    seed: JsonInt | None = Field(None, ge=0, le=MAX_JSON_INT, description="null: a random seed")
 
 
 class GenerateResponse(BaseModel):

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, Query, Security, UploadFile
 
 from app.auth import bearer_scheme
 from app.deps import DatasetId
-from app.schemas import Dataset, DatasetList, error_responses
+from app.schemas import Dataset, DatasetList, PageQuery, error_responses
 from worker import service
 
 router = APIRouter(
@@ -37,12 +37,9 @@ def upload_dataset(
 
 
 @router.get("", response_model=DatasetList, responses=error_responses(422))
-def list_datasets(
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
-) -> DatasetList:
+def list_datasets(query: Annotated[PageQuery, Query()]) -> DatasetList:
     """List uploaded datasets, newest first."""
-    return DatasetList.model_validate(service.list_datasets(limit=limit, offset=offset))
+    return DatasetList.model_validate(service.list_datasets(limit=query.limit, offset=query.offset))
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses=error_responses(404))

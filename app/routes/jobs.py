@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.auth import bearer_scheme
 from app.deps import JobId
 from app.events import job_event_stream
-from app.schemas import Job, JobList, JobSpec, JobStatus, MetricPoint, error_responses
+from app.schemas import Job, JobList, JobQuery, JobSpec, MetricPoint, error_responses
 from worker import service
 
 router = APIRouter(
@@ -35,13 +35,9 @@ def submit_job(spec: JobSpec) -> Job:
 
 
 @router.get("", response_model=JobList, responses=error_responses(422))
-def list_jobs(
-    status: Annotated[JobStatus | None, Query(description="only jobs with this status")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
-) -> JobList:
+def list_jobs(query: Annotated[JobQuery, Query()]) -> JobList:
     """List jobs, newest first, optionally only those with one status."""
-    page = service.list_jobs(status=status, limit=limit, offset=offset)
+    page = service.list_jobs(status=query.status, limit=query.limit, offset=query.offset)
     return JobList.model_validate(page)
 
 
@@ -74,9 +70,9 @@ async def job_events(
     job_id: JobId,
     request: Request,
     last_event_id: Annotated[
-        int | None,
-        Header(alias="Last-Event-ID", ge=0, le=2**62, description="resume after this event"),
-    ] = None,
+        int,
+        Header(alias="Last-Event-ID", ge=0, le=2**53 - 1, description="resume after this event"),
+    ] = 0,
 ) -> StreamingResponse:
     """Follow a job: stream its progress and status events until it ends (SSE)."""
     await run_in_threadpool(service.get_job, job_id)  # 404 before the stream starts
@@ -86,7 +82,7 @@ async def job_events(
 
     stream = job_event_stream(
         job_id,
-        after=last_event_id or 0,
+        after=last_event_id,
         is_disconnected=request.is_disconnected,
         job_json=as_json,
         timing=request.app.state.sse_timing,

@@ -14,6 +14,7 @@ from app.schemas import (
     GenerateResponse,
     Model,
     ModelList,
+    PageQuery,
     PredictRequest,
     PredictResponse,
     error_responses,
@@ -29,12 +30,9 @@ router = APIRouter(
 
 
 @router.get("", response_model=ModelList, responses=error_responses(422))
-def list_models(
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
-) -> ModelList:
+def list_models(query: Annotated[PageQuery, Query()]) -> ModelList:
     """List trained models, newest first."""
-    return ModelList.model_validate(service.list_models(limit=limit, offset=offset))
+    return ModelList.model_validate(service.list_models(limit=query.limit, offset=query.offset))
 
 
 @router.get("/{model_id}", response_model=Model, responses=error_responses(404))

