@@ -108,8 +108,10 @@ def test_two_jobs_run_at_once_on_two_workers(tmp_path: Path) -> None:
                 started("worker-1", worker_argv, env=env, cwd=homes["worker-1"], logs=logs) as w1,
                 started("worker-2", worker_argv, env=env, cwd=homes["worker-2"], logs=logs) as w2,
             ):
-                _wait_worker_ready(w1)
-                _wait_worker_ready(w2)
+                for worker in (w1, w2):
+                    _wait_worker_ready(worker)
+                    # one job at a time, in the worker's own process (CUDA-safe: no fork)
+                    assert "concurrency: 1 (solo)" in worker.output()
 
                 with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
                     with ThreadPoolExecutor(2) as pool:  # at once
