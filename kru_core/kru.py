@@ -1,0 +1,720 @@
+"""Kronecker Recurrent Units: the :class:`KRU` layer and the :class:`KRUCell` step.
+
+.. math::
+    h_t = \\sigma(W h_{t-1} + U x_t + b), \\qquad
+    W = W_0 \\otimes W_1 \\otimes \\cdots \\otimes W_{F-1}
+
+(paper eqs. 1 and 4). How the time loop runs (``docs/speed.md`` 5(i)):
+
+* the input term ``U x_t (+ b)`` for every step is one GEMM (or one embedding lookup for token
+  inputs) before the loop;
+* the factors are merged, once per forward pass, into the few effective matrices of a
+  :class:`~kru_core.kron.KronPlan` (dense ``W``, merged factors or the original ones), so a step
+  is one to three ``matmul`` calls plus the activation;
+* with gradients enabled the loop is a single ``torch.autograd.Function`` (``fused=True``): the
+  forward runs without autograd bookkeeping and the backward is a hand-written BPTT loop
+  (adjoint factors and the activation's derivative per step), with the factor gradients formed
+  after the loop from all steps at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .activations import ACTIVATIONS, MODRELU_EPS, activation_backward, apply_activation
+from .kron import (
+    STRATEGIES,
+    KronPlan,
+    apply_kron_factors,
+    kron_matrix,
+    normalize_factor_shapes,
+    plan_recurrence,
+)
+from .kron import unitary_penalty as _unitary_penalty
+
+__all__ = ["KRU", "KRUCell"]
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is a positive int, else raise ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def resolve_dtypes(dtype: torch.dtype | None, is_complex: bool) -> tuple[torch.dtype, torch.dtype]:
+    """``(real_dtype, state_dtype)`` from a factory ``dtype`` (real or complex) and ``complex``."""
+    if dtype is None:
+        real = torch.get_default_dtype()
+    elif not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+        raise ValueError(f"dtype: expected a floating or complex torch.dtype, got {dtype!r}")
+    elif dtype.is_complex:
+        if not is_complex:
+            raise ValueError(f"dtype: expected a real dtype with complex=False, got {dtype}")
+        real = dtype.to_real()
+    else:
+        real = dtype
+    return real, (real.to_complex() if is_complex else real)
+
+
+def random_unitary_(w: Tensor) -> Tensor:
+    """Fill ``w`` (``P×Q``) with a random unitary (orthogonal if real) matrix, in place.
+
+    QR of a Gaussian matrix with the phases of ``R``'s diagonal absorbed into ``Q`` (Haar
+    distributed). A rectangular factor gets orthonormal columns (``P > Q``) or rows (``P < Q``).
+    """
+    p, q = w.shape
+    tall = p >= q
+    g = torch.randn((p, q) if tall else (q, p), dtype=w.dtype, device=w.device)
+    qmat, r = torch.linalg.qr(g)
+    d = torch.diagonal(r)
+    phase = d / d.abs().clamp_min(torch.finfo(d.abs().dtype).tiny)
+    qmat = qmat * phase.unsqueeze(0)
+    with torch.no_grad():
+        w.copy_(qmat if tall else qmat.mH)
+    return w
+
+
+class _Chain:
+    """Precomputed views for applying a plan's matrices to ``(B, N)`` states step by step.
+
+    Factor ``k`` maps ``x_k`` (``(rows_k, Q_k, tr_k)``) to ``x_{k+1}`` (``(rows_k, P_k, tr_k)``)
+    with ``rows_k = B prod_{j<k} P_j`` and ``tr_k = prod_{j>k} Q_j`` (the last factor is one
+    GEMM). The fused recurrence writes every ``x_k`` straight into preallocated buffers (``out=``)
+    and accumulates factor gradients with one ``addmm``/``baddbmm`` per factor and step.
+    """
+
+    def __init__(self, mats: Sequence[Tensor], batch: int) -> None:
+        self.mats = list(mats)
+        self.k = len(mats)
+        self.rows: list[int] = []
+        self.trailing: list[int] = []
+        rows = batch
+        qs = [m.shape[1] for m in mats]
+        for k, m in enumerate(mats):
+            self.rows.append(rows)
+            self.trailing.append(math.prod(qs[k + 1 :]))
+            rows *= m.shape[0]
+        # Adjoints without lazy conjugation bits (BLAS gets plain or transposed operands).
+        self.adjoint = [m.mH.contiguous() for m in mats]
+        self.conj = [m.conj().resolve_conj() for m in mats]
+
+    def sizes(self, k: int) -> tuple[int, int, int, int]:
+        p, q = self.mats[k].shape
+        return self.rows[k], p, q, self.trailing[k]
+
+    def forward_step(self, x: Tensor, u_t: Tensor, dests: Sequence[Tensor]) -> Tensor:
+        """Write ``x_1, ..., x_K = W x + u_t`` into ``dests`` (flat per-step buffers)."""
+        for k in range(self.k):
+            rows, p, q, tr = self.sizes(k)
+            dest = dests[k]
+            if k == self.k - 1:
+                torch.addmm(
+                    u_t.view(rows, p), x.view(rows, q), self.mats[k].mT, out=dest.view(rows, p)
+                )
+            else:
+                torch.matmul(self.mats[k], x.view(rows, q, tr), out=dest.view(rows, p, tr))
+            x = dest
+        return x
+
+    def backward_step(
+        self, g: Tensor, xs: Sequence[Tensor], accs: Sequence[Tensor], need_input: bool
+    ) -> Tensor | None:
+        """Accumulate factor gradients for one step; return the gradient for the step's input.
+
+        ``g`` is the gradient for ``x_K``; ``xs[k]`` is ``x_k`` as saved by the forward pass.
+        """
+        for k in range(self.k - 1, -1, -1):
+            rows, p, q, tr = self.sizes(k)
+            if tr == 1:
+                g2 = g.view(rows, p)
+                # conj(grad W_k) += g^H x_k: a plain GEMM on the natural layout.
+                torch.addmm(accs[k], g2.mH, xs[k].view(rows, q), out=accs[k])
+                if k == 0 and not need_input:
+                    return None
+                g = g2 @ self.conj[k]
+            else:
+                g3 = g.view(rows, p, tr)
+                # grad W_k += sum_r g_r x_r^H, summed over r after the loop.
+                torch.baddbmm(accs[k], g3, xs[k].view(rows, q, tr).mH, out=accs[k])
+                if k == 0 and not need_input:
+                    return None
+                g = self.adjoint[k] @ g3
+        return g.reshape(self.rows[0], -1)
+
+    def new_accumulators(self) -> list[Tensor]:
+        accs = []
+        for k, m in enumerate(self.mats):
+            rows, p, q, tr = self.sizes(k)
+            shape = (p, q) if tr == 1 else (rows, p, q)
+            accs.append(torch.zeros(shape, dtype=m.dtype, device=m.device))
+        return accs
+
+    def finish_grads(self, accs: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for k, acc in enumerate(accs):
+            out.append(acc.conj().resolve_conj() if self.trailing[k] == 1 else acc.sum(0))
+        return out
+
+
+class _FusedRecurrence(torch.autograd.Function):
+    """``h_t = act(W h_{t-1} + u_t)`` for all t with a hand-written BPTT backward.
+
+    Inputs: activation name, ``u`` ``(T, B, N)`` (input term, additive bias included), ``h0``
+    ``(B, N)``, modReLU ``bias`` (real ``(N,)`` or ``None``), and the plan's effective matrices.
+    Output: all states ``(T, B, N)``. The forward keeps, per step, each factor's input and (for
+    modReLU) the pre-activation and two real coefficients of the derivative, so the backward
+    step is a handful of elementwise ops plus two matmuls per effective factor.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, activation: str, u: Tensor, h0: Tensor, bias: Tensor | None, *mats: Tensor
+    ):  # type: ignore[override]
+        steps, batch, _ = u.shape
+        chain = _Chain(mats, batch)
+        out = torch.empty_like(u)
+        # x_1 .. x_{K-1} for every step (the inputs of factors 1..K-1), then z (pre-activation).
+        inner = [
+            torch.empty(
+                steps,
+                chain.rows[k + 1] * chain.mats[k + 1].shape[1] * chain.trailing[k + 1],
+                dtype=u.dtype,
+                device=u.device,
+            )
+            for k in range(chain.k - 1)
+        ]
+        zs = torch.empty_like(u)
+        modrelu = activation == "modrelu"
+        if modrelu:
+            scale = torch.empty(u.shape, dtype=h0.real.dtype, device=u.device)
+            coef = torch.empty_like(scale)
+            bgrad = torch.empty_like(scale)
+            eps_minus_b = MODRELU_EPS - (
+                bias if bias is not None else torch.zeros_like(scale[0, 0])
+            )
+        h = h0
+        for t in range(steps):
+            z = chain.forward_step(h, u[t], [buf[t] for buf in inner] + [zs[t]])
+            if modrelu:
+                _modrelu_forward(z, bias, eps_minus_b, out[t], scale[t], coef[t], bgrad[t])
+            else:
+                out[t] = apply_activation(activation, z, bias)
+            h = out[t]
+        ctx.activation = activation
+        ctx.chain = chain
+        saved = [zs, out, h0, *inner]
+        if modrelu:
+            saved += [scale, coef, bgrad]
+        ctx.n_inner = len(inner)
+        ctx.save_for_backward(*saved)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
+        zs, out, h0, *rest = ctx.saved_tensors
+        inner, rest = rest[: ctx.n_inner], rest[ctx.n_inner :]
+        chain: _Chain = ctx.chain
+        activation = ctx.activation
+        modrelu = activation == "modrelu"
+        steps = out.shape[0]
+        need_mats = any(ctx.needs_input_grad[4:])
+        accs = chain.new_accumulators()
+        grad_u = torch.empty_like(out)
+        grad_bias_rows = (
+            torch.zeros(out.shape[1:], dtype=h0.real.dtype, device=h0.device)
+            if (modrelu and ctx.has_bias)
+            else None
+        )
+        grad_h: Tensor | None = None
+        for t in range(steps - 1, -1, -1):
+            g = grad_out[t] if grad_h is None else grad_out[t] + grad_h
+            gz = grad_u[t]
+            if modrelu:
+                scale, coef, bgrad = rest
+                _modrelu_backward(zs[t], g, scale[t], coef[t], bgrad[t], gz, grad_bias_rows)
+            else:
+                gz.copy_(activation_backward(activation, zs[t], out[t], g, None)[0])
+            prev = out[t - 1] if t > 0 else h0
+            xs = [prev] + [buf[t] for buf in inner]
+            if need_mats:
+                grad_h = chain.backward_step(
+                    gz, xs, accs, need_input=t > 0 or ctx.needs_input_grad[2]
+                )
+            else:
+                grad_h = _apply_adjoint(chain, gz)
+        grad_bias = grad_bias_rows.sum(0) if grad_bias_rows is not None else None
+        grad_mats = chain.finish_grads(accs) if need_mats else [None] * chain.k
+        return (None, grad_u, grad_h, grad_bias, *grad_mats)
+
+
+def _apply_adjoint(chain: _Chain, g: Tensor) -> Tensor:
+    for k in range(chain.k - 1, -1, -1):
+        rows, p, _, tr = chain.sizes(k)
+        g = g.view(rows, p) @ chain.conj[k] if tr == 1 else chain.adjoint[k] @ g.view(rows, p, tr)
+    return g.reshape(chain.rows[0], -1)
+
+
+def _modrelu_forward(
+    z: Tensor,
+    bias: Tensor | None,
+    eps_minus_b: Tensor,
+    h: Tensor,
+    scale: Tensor,
+    coef: Tensor,
+    bgrad: Tensor,
+) -> None:
+    """modReLU into ``h`` plus what its backward needs (see ``activation_backward``):
+    ``scale = relu(r + b) / den``, ``coef = 1[r+b>0] (eps - b) / (den^2 r)``,
+    ``bgrad = 1[r+b>0] / den`` with ``r = |z|`` and ``den = r + eps``."""
+    r = z.abs()
+    m = r + bias if bias is not None else r.clone()
+    active = m > 0
+    den = r + MODRELU_EPS
+    torch.div(m.relu_(), den, out=scale)
+    torch.mul(z, scale, out=h)
+    torch.div(active, den, out=bgrad)
+    torch.mul(bgrad, eps_minus_b, out=coef)
+    coef.div_(den.mul_(r.clamp_min_(torch.finfo(r.dtype).tiny)))
+
+
+def _modrelu_backward(
+    z: Tensor,
+    g: Tensor,
+    scale: Tensor,
+    coef: Tensor,
+    bgrad: Tensor,
+    grad_z: Tensor,
+    grad_bias_rows: Tensor | None,
+) -> None:
+    """``grad_z = g scale + z coef Re(conj(g) z)``; ``grad_b += Re(conj(g) z) bgrad``."""
+    proj = (g.conj() * z).real
+    torch.mul(g, scale, out=grad_z)
+    grad_z.add_(z * (coef * proj))
+    if grad_bias_rows is not None:
+        grad_bias_rows.addcmul_(proj, bgrad)
+
+
+def run_recurrence(
+    u: Tensor,
+    h0: Tensor,
+    mats: Sequence[Tensor],
+    *,
+    activation: str,
+    bias: Tensor | None,
+    fused: bool = True,
+) -> Tensor:
+    """All states of ``h_t = act(W h_{t-1} + u_t)``, ``(T, B, N)``, for effective matrices ``mats``.
+
+    With ``fused=True`` and gradients needed, one :class:`torch.autograd.Function` covers the
+    whole loop; otherwise a plain loop (recorded by autograd step by step when it needs to).
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        u.requires_grad
+        or h0.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or any(m.requires_grad for m in mats)
+    )
+    h0 = h0.contiguous()
+    if fused and needs_grad:
+        return _FusedRecurrence.apply(activation, u.contiguous(), h0, bias, *mats)
+    h = h0
+    outs = []
+    # unbind, not u[t]: one backward node for all steps instead of T full-size zero tensors.
+    for u_t in u.unbind(0):
+        h = apply_activation(activation, apply_kron_factors(h, mats, add=u_t), bias)
+        outs.append(h)
+    return torch.stack(outs)
+
+
+class _KRUBase(nn.Module):
+    """Parameters and everything but the loop, shared by :class:`KRU` and :class:`KRUCell`."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        factors: Sequence[int | Sequence[int]] | None = None,
+        complex: bool = True,
+        activation: str = "modrelu",
+        bias: bool = True,
+        strategy: str = "auto",
+        merge: Sequence[int] | None = None,
+        fused: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        if not isinstance(complex, bool):
+            raise ValueError(f"complex: expected a bool, got {complex!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        if activation == "tanh" and complex:
+            raise ValueError(
+                "activation: expected 'modrelu', 'split_relu' or 'identity' with complex=True "
+                "(tanh is for real states), got 'tanh'"
+            )
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+        self.factor_shapes = normalize_factor_shapes(factors, hidden_size)
+        # Validates ``merge`` against the factors now rather than at the first forward.
+        plan_recurrence(self.factor_shapes, batch_size=1, strategy=strategy, merge=merge)
+        self.complex = complex
+        self.activation = activation
+        self.strategy = strategy
+        self.merge = None if merge is None else tuple(merge)
+        self.fused = bool(fused)
+        real_dtype, state_dtype = resolve_dtypes(dtype, complex)
+        self.state_dtype = state_dtype
+        kw = {"device": device, "dtype": state_dtype}
+        self.recurrent_factors = nn.ParameterList(
+            [nn.Parameter(torch.empty(p, q, **kw)) for p, q in self.factor_shapes]
+        )
+        self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **kw))
+        if not bias:
+            self.register_parameter("bias", None)
+        elif activation == "modrelu":
+            self.bias = nn.Parameter(torch.empty(hidden_size, device=device, dtype=real_dtype))
+        else:
+            self.bias = nn.Parameter(torch.empty(hidden_size, **kw))
+        self._cache: tuple[tuple, list[Tensor]] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the parameters (paper section 4 leaves this open; these are our choices).
+
+        * every Kronecker factor: a random unitary matrix (orthogonal if real; orthonormal
+          columns or rows if rectangular), so ``W`` is exactly unitary and
+          :meth:`unitary_penalty` is 0 at step 0;
+        * ``weight_ih`` (``U``): Glorot uniform (for complex ``U`` the real and imaginary parts
+          each ``U(-a, a)`` with ``a = sqrt(3 / (input_size + hidden_size))``, so
+          ``E|U_ij|^2 = 2 / (input_size + hidden_size)``);
+        * modReLU bias: ``U(-0.01, 0)`` (non-positive, avoiding the blow-up of modReLU's
+          gradient near 0, ``docs/speed.md`` pitfall 5); an additive bias: zeros.
+        """
+        for w in self.recurrent_factors:
+            random_unitary_(w)
+        fan = self.input_size + self.hidden_size
+        with torch.no_grad():
+            if self.complex:
+                a = math.sqrt(3.0 / fan)
+                torch.view_as_real(self.weight_ih).uniform_(-a, a)
+            else:
+                nn.init.xavier_uniform_(self.weight_ih)
+            if self.bias is not None:
+                if self.activation == "modrelu":
+                    self.bias.uniform_(-0.01, 0.0)
+                else:
+                    self.bias.zero_()
+        self._cache = None
+
+    # ------------------------------------------------------------------ analysis API
+    def recurrent_matrix(self) -> Tensor:
+        """The dense ``W = kron(W_0, ..., W_{F-1})`` (``N×N``), differentiable; for tests and
+        analysis (the forward pass does not need it unless the plan is ``"dense"``)."""
+        return kron_matrix(list(self.recurrent_factors))
+
+    def unitary_penalty(self) -> Tensor:
+        """``sum_f ||W_f^H W_f - I||_F^2`` over the original factors (paper eq. 7), 0-dim."""
+        return _unitary_penalty(list(self.recurrent_factors))
+
+    def num_recurrent_parameters(self) -> int:
+        """Real scalars in the factors: ``c * sum_f P_f Q_f`` with ``c = 2`` if complex."""
+        return sum(w.numel() * (2 if w.is_complex() else 1) for w in self.recurrent_factors)
+
+    def extra_repr(self) -> str:
+        shapes = tuple(p if p == q else (p, q) for p, q in self.factor_shapes)
+        s = (
+            f"{self.input_size}, {self.hidden_size}, factors={shapes}, complex={self.complex}, "
+            f"activation={self.activation!r}, bias={self.bias is not None}"
+        )
+        if hasattr(self, "batch_first"):
+            s += f", batch_first={self.batch_first}"
+        if self.strategy != "auto" or self.merge is not None:
+            s += f", strategy={self.strategy!r}"
+        if self.merge is not None:
+            s += f", merge={self.merge}"
+        return s
+
+    # ------------------------------------------------------------------ execution
+    def plan(self, batch_size: int, device: torch.device | None = None) -> KronPlan:
+        """The :class:`~kru_core.kron.KronPlan` a forward pass over ``batch_size`` rows uses."""
+        dev = device if device is not None else self.recurrent_factors[0].device
+        return plan_recurrence(
+            self.factor_shapes,
+            batch_size=batch_size,
+            device=dev,
+            strategy=self.strategy,
+            merge=self.merge,
+        )
+
+    def effective_factors(self, plan: KronPlan) -> list[Tensor]:
+        """The plan's matrices (built from the factors; cached while gradients are off)."""
+        factors = list(self.recurrent_factors)
+        if torch.is_grad_enabled():
+            return plan.effective_factors(factors)
+        key = (plan, tuple((w.data_ptr(), w._version, w.device, w.dtype) for w in factors))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, plan.effective_factors(factors))
+        return self._cache[1]
+
+    def input_projection(self, x: Tensor) -> Tensor:
+        """``U x (+ b)`` for features ``(*, input_size)`` or token ids ``(*)`` (an embedding
+        lookup of ``U``'s columns, no one-hot); returns ``(*, hidden_size)`` in the state dtype.
+
+        The additive bias (activations other than modReLU) is included; modReLU's bias is not.
+        """
+        additive = self.bias if self.activation != "modrelu" else None
+        if not (x.is_floating_point() or x.is_complex()):
+            if x.dtype == torch.bool:
+                raise ValueError("x: expected float features or integer token ids, got bool")
+            u = self.weight_ih.mT[x]
+            return u if additive is None else u + additive
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"x: expected last dimension input_size={self.input_size}, got shape "
+                f"{tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.input_size)
+        n = self.hidden_size
+        if self.complex and not x.is_complex():
+            # Real inputs times complex U as one real GEMM on U's (re, im) pairs (exact).
+            x2 = x2.to(self.weight_ih.real.dtype)
+            w2 = torch.view_as_real(self.weight_ih).permute(1, 0, 2).reshape(self.input_size, 2 * n)
+            if additive is not None:
+                y = torch.addmm(torch.view_as_real(additive).reshape(2 * n), x2, w2)
+            else:
+                y = x2 @ w2
+            u = torch.view_as_complex(y.view(-1, n, 2))
+        else:
+            x2 = x2.to(self.state_dtype)
+            if additive is not None:
+                u = torch.addmm(additive, x2, self.weight_ih.mT)
+            else:
+                u = x2 @ self.weight_ih.mT
+        return u.reshape(*lead, n)
+
+    def _initial_state(self, hx: Tensor | None, batch: int, like: Tensor, name: str) -> Tensor:
+        if hx is None:
+            return torch.zeros(batch, self.hidden_size, dtype=self.state_dtype, device=like.device)
+        if hx.shape != (batch, self.hidden_size):
+            raise ValueError(
+                f"{name}: expected shape ({batch}, {self.hidden_size}), got {tuple(hx.shape)}"
+            )
+        if hx.is_complex() and not self.complex:
+            raise ValueError(f"{name}: expected a real state with complex=False, got {hx.dtype}")
+        return hx.to(self.state_dtype)
+
+    def _modrelu_bias(self) -> Tensor | None:
+        return self.bias if self.activation == "modrelu" else None
+
+
+class KRU(_KRUBase):
+    """A Kronecker Recurrent Unit layer (Jose, Cissé and Fleuret, ICML 2018).
+
+    .. math::
+        h_t = \\sigma(W h_{t-1} + U x_t + b), \\qquad
+        W = W_0 \\otimes W_1 \\otimes \\cdots \\otimes W_{F-1}
+
+    where ``W_f`` are the (complex by default) Kronecker factors, ``U`` is ``weight_ih`` and
+    ``sigma`` is ``activation``. For modReLU, ``bias`` is modReLU's real bias per unit (the uRNN
+    layout: ``sigma(z) = relu(|z| + b) z / |z|`` with no additive bias); for the other
+    activations it is an additive bias ``b`` in the state dtype.
+
+    Args:
+        input_size: features per step (or the vocabulary size when ``x`` holds token ids).
+        hidden_size: ``N``, the state size.
+        factors: the factor sizes, a list of ints (square) or ``(P, Q)`` pairs with
+            ``prod P == prod Q == hidden_size``. Default: :func:`~kru_core.kron.factorize`
+            ``(hidden_size)`` (2×2 factors for powers of two).
+        complex: complex factors, input map and state (``True``, as in the paper) or real.
+        activation: ``"modrelu"``, ``"split_relu"``, ``"tanh"`` (real only) or ``"identity"``.
+        bias: whether the layer has ``bias`` (see above).
+        batch_first: ``x`` and outputs are ``(B, T, *)`` if ``True``, else ``(T, B, *)``.
+        strategy: how the recurrence is executed: ``"auto"`` (the rule of
+            :func:`~kru_core.kron.plan_recurrence`), ``"dense"``, ``"merged"`` or ``"factored"``.
+            The result is the same up to rounding; parameters, counts and penalty are unaffected.
+        merge: group sizes for ``"merged"``, e.g. ``(3, 3, 3)`` for nine factors into 8×8×8.
+        fused: run the time loop as one autograd Function with a hand-written backward
+            (faster); ``False`` records every step with autograd (the reference path).
+        device, dtype: factory kwargs; ``dtype`` is the real dtype (or the complex one).
+
+    Inputs: x, h0
+        - **x**: ``(B, T, input_size)`` float features (``(T, B, ...)`` if not
+          ``batch_first``), or ``(B, T)`` integer token ids below ``input_size``.
+        - **h0**: ``(B, hidden_size)`` initial state (default zeros).
+
+    Outputs: outputs, h_n
+        - **outputs**: ``(B, T, hidden_size)`` with ``h_t`` for every step, complex if
+          ``complex=True`` (may be a non-contiguous view).
+        - **h_n**: ``(B, hidden_size)``, the last state.
+
+    Attributes:
+        recurrent_factors: the factors ``W_f`` (``nn.ParameterList``, shapes ``(P_f, Q_f)``).
+        weight_ih: ``U``, ``(hidden_size, input_size)``.
+        bias: modReLU's ``(hidden_size,)`` real bias, or the additive bias, or ``None``.
+
+    Example::
+
+        >>> kru = KRU(1, 512)                      # nine complex 2x2 factors
+        >>> kru.num_recurrent_parameters()
+        72
+        >>> out, h_n = kru(torch.randn(4, 10, 1))
+        >>> out.shape, out.dtype
+        (torch.Size([4, 10, 512]), torch.complex64)
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        factors: Sequence[int | Sequence[int]] | None = None,
+        complex: bool = True,
+        activation: str = "modrelu",
+        bias: bool = True,
+        batch_first: bool = True,
+        strategy: str = "auto",
+        merge: Sequence[int] | None = None,
+        fused: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.batch_first = bool(batch_first)
+        super().__init__(
+            input_size,
+            hidden_size,
+            factors=factors,
+            complex=complex,
+            activation=activation,
+            bias=bias,
+            strategy=strategy,
+            merge=merge,
+            fused=fused,
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        tokens = not (x.is_floating_point() or x.is_complex())
+        if x.dim() != (2 if tokens else 3):
+            want = "(B, T) token ids" if tokens else "(B, T, input_size) features"
+            raise ValueError(f"x: expected {want}, got shape {tuple(x.shape)}")
+        time_major = x.transpose(0, 1) if self.batch_first else x
+        steps, batch = time_major.shape[:2]
+        if steps == 0:
+            raise ValueError("x: expected at least one time step, got 0")
+        u = self.input_projection(time_major.contiguous() if tokens else time_major)
+        h = self._initial_state(h0, batch, u, "h0")
+        plan = self.plan(batch, u.device)
+        out = run_recurrence(
+            u,
+            h,
+            self.effective_factors(plan),
+            activation=self.activation,
+            bias=self._modrelu_bias(),
+            fused=self.fused,
+        )
+        return (out.transpose(0, 1) if self.batch_first else out), out[-1]
+
+
+class KRUCell(_KRUBase):
+    """One step of :class:`KRU`, for streaming inference: ``h' = sigma(W h + U x + b)``.
+
+    The parameters are those of :class:`KRU` with the same names, so a cell can load a layer's
+    ``state_dict`` (or use :meth:`from_layer` to share its parameters); stepping the cell over a
+    sequence equals the layer's forward. While gradients are off, the plan's matrices are cached
+    between calls and rebuilt when a factor changes.
+
+    Args:
+        input_size, hidden_size, factors, complex, activation, bias, strategy, merge, device,
+        dtype: as for :class:`KRU`.
+
+    Inputs: x, hx
+        - **x**: ``(B, input_size)`` features or ``(B,)`` token ids.
+        - **hx**: ``(B, hidden_size)`` state (default zeros).
+
+    Outputs: h'
+        - **h'**: ``(B, hidden_size)``, the next state.
+
+    Example::
+
+        >>> layer = KRU(3, 16)
+        >>> cell = KRUCell.from_layer(layer)
+        >>> x = torch.randn(2, 5, 3)
+        >>> h = None
+        >>> for t in range(5):
+        ...     h = cell(x[:, t], h)
+        >>> torch.allclose(h, layer(x)[1], atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        factors: Sequence[int | Sequence[int]] | None = None,
+        complex: bool = True,
+        activation: str = "modrelu",
+        bias: bool = True,
+        strategy: str = "auto",
+        merge: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            input_size,
+            hidden_size,
+            factors=factors,
+            complex=complex,
+            activation=activation,
+            bias=bias,
+            strategy=strategy,
+            merge=merge,
+            fused=False,
+            device=device,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_layer(cls, layer: KRU) -> KRUCell:
+        """A cell that shares ``layer``'s parameters (the same ``nn.Parameter`` objects)."""
+        cell = cls(
+            layer.input_size,
+            layer.hidden_size,
+            factors=layer.factor_shapes,
+            complex=layer.complex,
+            activation=layer.activation,
+            bias=layer.bias is not None,
+            strategy=layer.strategy,
+            merge=layer.merge,
+            device=layer.weight_ih.device,
+            dtype=layer.state_dtype,
+        )
+        cell.recurrent_factors = layer.recurrent_factors
+        cell.weight_ih = layer.weight_ih
+        cell.bias = layer.bias
+        return cell
+
+    def forward(self, x: Tensor, hx: Tensor | None = None) -> Tensor:
+        tokens = not (x.is_floating_point() or x.is_complex())
+        if x.dim() != (1 if tokens else 2):
+            want = "(B,) token ids" if tokens else "(B, input_size) features"
+            raise ValueError(f"x: expected {want}, got shape {tuple(x.shape)}")
+        u = self.input_projection(x)
+        h = self._initial_state(hx, x.shape[0], u, "hx")
+        mats = self.effective_factors(self.plan(x.shape[0], u.device))
+        z = apply_kron_factors(h, mats, add=u)
+        return apply_activation(self.activation, z, self._modrelu_bias())
