@@ -14,21 +14,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kru_core.errors import InputError
+from kru_core.inference import LoadedModel
 
-if TYPE_CHECKING:
-    from kru_core.inference import LoadedModel
-
-Loader = Callable[[Path], "LoadedModel"]
+Loader = Callable[[Path], LoadedModel]
 
 
 def _load_on_cpu(checkpoint: Path) -> LoadedModel:
-    from kru_core.inference import LoadedModel
-
     return LoadedModel.from_checkpoint(checkpoint, device="cpu")
 
 
@@ -151,7 +147,7 @@ class Predictor:
 
 
 def validate_inputs(
-    inputs: Sequence[Sequence[Any]],
+    inputs: Sequence[Any],
     info: Mapping[str, Any],
     *,
     max_sequences: int,
@@ -159,22 +155,34 @@ def validate_inputs(
 ) -> None:
     """Check ``inputs`` against a model's ``info``; raise InputError naming the culprit.
 
-    Token models (``vocab_size`` in ``info``) take lists of ints in ``[0, vocab_size)``; feature
-    models (``input_size``) take lists of ``input_size`` finite numbers per step.
+    Token models (``input_kind`` ``tokens``) take lists of ints in ``[0, vocab_size)``, and text
+    models also strings of vocabulary characters; feature models take lists of ``input_size``
+    finite numbers per step (plain numbers when ``input_size`` is 1).
     """
     if len(inputs) > max_sequences:
         raise InputError("inputs", f"expected at most {max_sequences} sequences, got {len(inputs)}")
-    vocab_size = info.get("vocab_size")
+    tokens = info.get("input_kind") == "tokens"
     for i, sequence in enumerate(inputs):
         where = f"inputs.{i}"
         if len(sequence) == 0:
             raise InputError(where, "expected at least one step, got an empty sequence")
         if len(sequence) > max_length:
             raise InputError(where, f"expected at most {max_length} steps, got {len(sequence)}")
-        if vocab_size is not None:
-            _check_tokens(sequence, where, int(vocab_size))
+        if tokens and isinstance(sequence, str):
+            _check_text(sequence, where, info.get("vocabulary"))
+        elif tokens:
+            _check_tokens(sequence, where, int(info["vocab_size"]))
         else:
             _check_features(sequence, where, int(info["input_size"]))
+
+
+def _check_text(text: str, where: str, vocabulary: Sequence[str] | None) -> None:
+    if not vocabulary:
+        raise InputError(where, "expected a list of tokens: only text models take strings")
+    known = set(vocabulary)
+    for j, char in enumerate(text):
+        if char not in known:
+            raise InputError(f"{where}.{j}", f"character {char!r} is not in the model's vocabulary")
 
 
 def _check_tokens(sequence: Sequence[Any], where: str, vocab_size: int) -> None:
@@ -192,18 +200,21 @@ def _check_tokens(sequence: Sequence[Any], where: str, vocab_size: int) -> None:
 
 
 def _check_features(sequence: Sequence[Any], where: str, input_size: int) -> None:
+    if isinstance(sequence, str):
+        raise InputError(where, "expected a list of feature vectors: only text models take strings")
     for j, step in enumerate(sequence):
-        if not isinstance(step, (list, tuple)):
+        vector = [step] if input_size == 1 and not isinstance(step, (list, tuple)) else step
+        if not isinstance(vector, (list, tuple)):
             raise InputError(
                 f"{where}.{j}",
                 f"expected a feature vector (a list of {input_size} numbers), got {step!r}: this "
                 "model takes lists of feature vectors",
             )
-        if len(step) != input_size:
+        if len(vector) != input_size:
             raise InputError(
-                f"{where}.{j}", f"expected {input_size} features per step, got {len(step)}"
+                f"{where}.{j}", f"expected {input_size} features per step, got {len(vector)}"
             )
-        for k, value in enumerate(step):
+        for k, value in enumerate(vector):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InputError(f"{where}.{j}.{k}", f"expected a number, got {value!r}")
             if not math.isfinite(value):

@@ -377,7 +377,9 @@ class ModelList(BaseModel):
 
 
 TokenSequence = Annotated[list[JsonInt], Field(min_length=1)]
+ScalarSequence = Annotated[list[float], Field(min_length=1)]
 FeatureSequence = Annotated[list[Annotated[list[float], Field(min_length=1)]], Field(min_length=1)]
+TextSequence = Annotated[str, Field(min_length=1)]
 
 
 class PredictRequest(BaseModel):
@@ -396,11 +398,12 @@ class PredictRequest(BaseModel):
         },
     )
 
-    inputs: list[TokenSequence | FeatureSequence] = Field(
+    inputs: list[TokenSequence | ScalarSequence | FeatureSequence | TextSequence] = Field(
         min_length=1,
         description="one entry per sequence: a list of tokens (ints) for token tasks (copy, "
-        "text, token datasets), or a list of feature vectors (lists of floats) for feature "
-        "tasks (adding: 2 per step, mnist: 1 per step)",
+        "token datasets, text), a string for text models, or a list of feature vectors (lists "
+        "of floats) for feature tasks (adding: 2 per step; mnist: 1 per step, where plain "
+        "numbers also do)",
     )
     probabilities: bool = Field(False, description="also return the output probabilities")
 
