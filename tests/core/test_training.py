@@ -1,0 +1,185 @@
+"""The training engine: optimizer groups, resume, cooperative stop, limits, errors, datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kru_core.checkpoint import CheckpointStore
+from kru_core.config import JobConfig
+from kru_core.errors import TrainingError
+from kru_core.tasks import CopyTask, TaskInfo
+from kru_core.training import Progress, build_model, build_optimizer, train
+
+torch.set_num_threads(1)
+
+
+def tiny(**train: object) -> JobConfig:
+    """A copy run small enough for a unit test (N=8: three complex 2x2 factors)."""
+    return JobConfig.from_dict(
+        {
+            "task": {"kind": "copy", "delay": 3, "eval_size": 16},
+            "model": {"cell": "kru", "hidden_size": 8},
+            "train": {
+                "steps": 6,
+                "batch_size": 4,
+                "eval_every": 3,
+                "checkpoint_every": 3,
+                "device": "cpu",
+                **train,
+            },
+        }
+    )
+
+
+def parameters(path: Path) -> dict[str, torch.Tensor]:
+    return CheckpointStore(path).load().model_state
+
+
+@pytest.mark.parametrize("cell", ["kru", "kru_lstm", "rnn", "lstm"])
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_each_parameter_in_exactly_one_group(cell: str, optimizer: str) -> None:
+    cfg = tiny(optimizer=optimizer, lr=0.01, factor_lr=0.05).replace(model={"cell": cell})
+    model = build_model(cfg.model, CopyTask(delay=3, eval_size=1).info)
+    opt = build_optimizer(model, cfg.train)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert len(ids) == len(set(ids))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["main"]["lr"] == 0.01
+    factors = {id(p) for p in model.factor_parameters()}
+    if factors:
+        assert {id(p) for p in by_name["factors"]["params"]} == factors
+        assert by_name["factors"]["lr"] == 0.05
+    assert type(opt).__name__.lower() == optimizer
+
+
+def test_run_reports_progress_and_saves(tmp_path: Path) -> None:
+    events: list[Progress] = []
+    result = train(tiny(), out_dir=tmp_path, on_progress=events.append)
+    assert result.status == "completed" and result.step == 6
+    assert result.checkpoint == tmp_path / "step-000000006"
+    assert result.parameter_counts["recurrent"] == 3 * 8  # three complex 2x2 factors
+    kinds = [(e.kind, e.step) for e in events if e.kind != "train"]
+    assert kinds == [("eval", 3), ("checkpoint", 3), ("eval", 6), ("checkpoint", 6)]
+    train_steps = [e.step for e in events if e.kind == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "penalty"} <= set(events[0].metrics)
+    assert {"eval_loss", "eval_accuracy", "eval_memoryless_loss"} <= set(result.metrics)
+    saved = json.loads((result.checkpoint / "checkpoint.json").read_text())
+    assert saved["metrics"] == result.metrics and saved["step"] == 6
+
+
+def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
+    """Stopped after step 3 and resumed = uninterrupted: same batches, same optimizer state."""
+    cfg = tiny(steps=7, optimizer="adam", clip_grad_norm=1.0, unitary_penalty=0.1)
+    straight = train(cfg, out_dir=tmp_path / "a")
+    assert straight.status == "completed" and straight.step == 7
+    calls = {"n": 0}
+
+    def stop_at_3() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 4  # checked before each step: after 3 steps
+
+    first = train(cfg, out_dir=tmp_path / "b", should_stop=stop_at_3)
+    assert first.status == "stopped" and first.step == 3
+    resumed = train(cfg, out_dir=tmp_path / "b")
+    assert resumed.status == "completed" and resumed.step == 7
+    a, b = parameters(tmp_path / "a"), parameters(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # and the runs did train: the parameters moved from their initial values
+    fresh = build_model(cfg.model, CopyTask(delay=3, eval_size=1).info)
+    assert not all(torch.equal(fresh.state_dict()[k], a[k]) for k in a)
+
+
+def test_should_stop_ends_within_one_step_with_a_checkpoint(tmp_path: Path) -> None:
+    steps: list[int] = []
+    flag = {"stop": False}
+
+    def on_progress(p: Progress) -> None:
+        if p.kind == "train":
+            steps.append(p.step)
+            flag["stop"] = p.step == 2
+
+    result = train(
+        tiny(steps=100), out_dir=tmp_path, on_progress=on_progress, should_stop=lambda: flag["stop"]
+    )
+    assert result.status == "stopped" and result.step == 2 and steps == [1, 2]
+    assert CheckpointStore(tmp_path).latest() == tmp_path / "step-000000002"
+
+
+def test_max_seconds_times_out_with_checkpoint_and_metrics(tmp_path: Path) -> None:
+    result = train(tiny(steps=10_000, max_seconds=0.5), out_dir=tmp_path)
+    assert result.status == "timeout" and 0 < result.step < 10_000
+    assert "eval_accuracy" in result.metrics
+    assert result.checkpoint == CheckpointStore(tmp_path).latest()
+
+
+def test_nan_loss_raises_and_keeps_earlier_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = CopyTask.loss
+    calls = {"n": 0}
+
+    def loss(self: CopyTask, outputs: torch.Tensor, batch: object) -> torch.Tensor:
+        calls["n"] += 1
+        value = original(self, outputs, batch)
+        return value * float("nan") if calls["n"] == 5 else value
+
+    monkeypatch.setattr(CopyTask, "loss", loss)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*train\.lr"):
+        train(tiny(steps=10, checkpoint_every=2), out_dir=tmp_path)
+    assert CheckpointStore(tmp_path).latest() == tmp_path / "step-000000004"
+
+
+def test_resume_refuses_another_run(tmp_path: Path) -> None:
+    train(tiny(steps=3), out_dir=tmp_path)
+    with pytest.raises(TrainingError, match="another run"):
+        train(tiny(steps=3).replace(model={"hidden_size": 4}), out_dir=tmp_path)
+    again = train(tiny(steps=3), out_dir=tmp_path)  # already complete: returns at once
+    assert again.status == "completed" and again.step == 3 and "eval_loss" in again.metrics
+    fresh = train(tiny(steps=2), out_dir=tmp_path / "x", resume=False)
+    assert fresh.step == 2
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression", "labelling", "features"])
+def test_dataset_tasks_train(tmp_path: Path, kind: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(30):
+        n = 1 + i % 6
+        tokens = torch.randint(0, 5, (n,), generator=g).tolist()
+        if kind == "classification":
+            rows.append({"input": tokens, "target": tokens[-1] % 3})
+        elif kind == "regression":
+            rows.append({"input": tokens, "target": [float(sum(tokens)), 0.5]})
+        elif kind == "labelling":
+            rows.append({"input": tokens, "target": [t % 2 for t in tokens]})
+        else:
+            rows.append({"input": [[t / 5, 1.0] for t in tokens], "target": float(n)})
+    path = write(tmp_path / "d.jsonl", rows)
+    cfg = tiny(steps=4, eval_every=2).replace(task={"kind": "dataset", "dataset_id": "d"})
+    result = train(cfg, out_dir=tmp_path / "run", dataset_path=path)
+    assert result.status == "completed"
+    metric = "eval_mse" if kind in ("regression", "features") else "eval_accuracy"
+    assert metric in result.metrics
+
+
+def test_text_task_trains(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    cfg = tiny(steps=3).replace(task={"kind": "text", "dataset_id": "t", "seq_len": 16})
+    result = train(cfg, out_dir=tmp_path / "run", dataset_path=path)
+    assert result.metrics["eval_bpc"] > 0
+    info = CheckpointStore(tmp_path / "run").load().task_info
+    assert isinstance(info, TaskInfo) and info.vocabulary == sorted(set(path.read_text()))
