@@ -42,7 +42,10 @@ def get_model(model_id: ModelId) -> Model:
 
 
 @router.post(
-    "/{model_id}/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422)
+    "/{model_id}/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,  # "probabilities" only when asked for
+    responses=error_responses(404, 413, 422),
 )
 def predict(
     model_id: ModelId, body: PredictRequest, predictor: PredictorDep, metrics: MetricsDep

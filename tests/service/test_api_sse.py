@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from api_server import Event, running_api, sse_events
+from fastapi.testclient import TestClient
+
+from app.main import create_app
 
 if TYPE_CHECKING:
     from conftest import ServiceEnv
@@ -100,8 +103,8 @@ def test_heartbeats_and_a_vanished_client(sqlite_env: ServiceEnv, tmp_path: Path
         assert events[-1].event == "end" and events[-1].data["status"] == "cancelled"
 
 
-def test_unknown_job_is_404_before_streaming(sqlite_env: ServiceEnv, tmp_path: Path) -> None:
-    with running_api(sqlite_env.settings, tmp_path / "api.log") as api, api.client() as client:
+def test_unknown_job_is_404_before_streaming(sqlite_env: ServiceEnv) -> None:
+    with TestClient(create_app(sqlite_env.settings)) as client:
         response = client.get("/v1/jobs/0123456789abcdef0123456789abcdef/events")
         assert response.status_code == 404
         assert response.headers["content-type"] == "application/json"
