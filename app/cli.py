@@ -294,12 +294,110 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve, api, worker ----------------------------------------------------------------------
+
+
+def _service_settings() -> Any:
+    """The ``KRU_*`` settings; a bad value is a usage error naming the variable."""
+    from pydantic import ValidationError
+
+    from worker.settings import get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"KRU_{'_'.join(str(p) for p in e['loc']).upper() or '?'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise _UsageError(f"invalid settings: {problems}") from None
+
+
+def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kru serve``."""
+    p = subparsers.add_parser(
+        "serve",
+        help="run the API and one worker on this machine (no server needed)",
+        description=(
+            "Run the HTTP API and one training worker (a subprocess) on this machine. By default "
+            "the job store is SQLite and the broker kombu's SQLAlchemy transport, both in "
+            "KRU_DATA_DIR (./.kru). Ctrl-C or SIGTERM stops both; a running job saves a "
+            "checkpoint and resumes at the next start."
+        ),
+    )
+    _add_listen_arguments(p)
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from app.main import create_app
+    from worker import runner
+
+    return runner.run_serve(args.host, args.port, _service_settings(), app_factory=create_app)
+
+
+def add_api(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kru api``."""
+    p = subparsers.add_parser(
+        "api",
+        help="run the HTTP API only (deployments; workers run with `kru worker`)",
+        description="Run the HTTP API only, with the store and broker of the KRU_* settings.",
+    )
+    _add_listen_arguments(p)
+    p.set_defaults(handler=run_api)
+
+
+def run_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+    from worker.runner import configure_logging
+
+    settings = _service_settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower()
+    )
+    return 0
+
+
+def add_worker(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kru worker``."""
+    p = subparsers.add_parser(
+        "worker",
+        help="run a training worker (deployments: one per GPU)",
+        description=(
+            "Run a Celery worker that trains jobs one at a time (--pool solo, concurrency 1), "
+            "with the store and broker of the KRU_* settings. SIGTERM: the running job saves a "
+            "checkpoint and goes back to the queue, then the worker exits."
+        ),
+    )
+    p.set_defaults(handler=run_worker)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from worker import runner
+
+    return runner.run_worker(_service_settings())
+
+
 # -- the command -----------------------------------------------------------------------------
 
 #: The subcommands, in ``kru --help`` order. The service commands (``serve``, ``api``,
 #: ``worker``) are added here as ``add_serve``, ``add_api``, ``add_worker``: each registers its
 #: parser and ``set_defaults(handler=run_...)``, like :func:`add_train`.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_predict]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_train,
+    add_predict,
+    add_serve,
+    add_api,
+    add_worker,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

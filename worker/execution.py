@@ -185,7 +185,7 @@ def _train(ctx: Context, claim: Claim, heartbeat: Heartbeat) -> None:
     if heartbeat.lost.is_set() or reporter.lost:
         return
     try:
-        _conclude(ctx, claim, result, heartbeat, config)
+        _conclude(ctx, claim, result, heartbeat, config, reporter.metrics)
     except Exception as exc:
         logger.exception("job %s: could not conclude", claim.job_id)
         _fail(
@@ -194,9 +194,14 @@ def _train(ctx: Context, claim: Claim, heartbeat: Heartbeat) -> None:
 
 
 def _conclude(
-    ctx: Context, claim: Claim, result: Any, heartbeat: Heartbeat, config: JobConfig
+    ctx: Context,
+    claim: Claim,
+    result: Any,
+    heartbeat: Heartbeat,
+    config: JobConfig,
+    reported: dict[str, float],
 ) -> None:
-    metrics = {**claim.metrics, **{k: float(v) for k, v in result.metrics.items()}}
+    metrics = {**reported, **{k: float(v) for k, v in result.metrics.items()}}
     if result.status == "stopped":
         if heartbeat.cancelled.is_set() or _cancel_requested(ctx, claim):
             jobs.finish(ctx.store, claim, "cancelled", step=result.step, metrics=metrics)

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from worker import context, execution
 from worker.reaper import Reaper
@@ -31,7 +33,9 @@ WORKER_STOP_TIMEOUT_S = 60.0
 def configure_logging(level: str) -> None:
     """Log to stderr at ``level`` (entry points only; libraries just log)."""
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        force=True,
     )
 
 
@@ -72,6 +76,7 @@ def run_worker(settings: Settings | None = None, *, parent_pid: int | None = Non
     finally:
         reaper.stop()
         context.close()
+        logger.info("worker stopped")
     return code
 
 
@@ -151,9 +156,22 @@ class WorkerSupervisor:
             self.proc.wait()
 
 
-def run_serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> int:
+def run_serve(
+    host: str,
+    port: int,
+    settings: Settings | None = None,
+    *,
+    app_factory: Callable[[Settings], Any],
+) -> int:
     """Run the API (uvicorn, in this process) and one worker subprocess until Ctrl-C or SIGTERM,
-    then stop both: the API first, then the worker (its job checkpoints and is requeued)."""
+    then stop both: the API first, then the worker (its job checkpoints and is requeued).
+
+    Args:
+        host, port: where the API listens.
+        settings: default ``get_settings()``; the worker subprocess gets the same.
+        app_factory: builds the ASGI app from settings (``app.main.create_app``; passed in so
+            that ``worker`` never imports ``app``).
+    """
     import uvicorn
 
     settings = settings or get_settings()
@@ -172,10 +190,8 @@ def run_serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | No
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        from app.main import create_app
-
         config = uvicorn.Config(
-            create_app(settings), host=host, port=port, log_level=settings.log_level.lower()
+            app_factory(settings), host=host, port=port, log_level=settings.log_level.lower()
         )
         uvicorn.Server(config).run()
     finally:

@@ -14,7 +14,7 @@ Fixtures (all function-scoped, every test gets its own world):
     A factory: ``worker_process(env, **overrides) -> WorkerProcess`` starts ``python -m worker``
     (a real Celery worker, ``--pool solo``) with the env's ``KRU_*`` variables (``overrides``:
     settings fields to change, e.g. ``max_attempts=1``). Every worker still running at the end
-    of the test is stopped (SIGTERM, then SIGKILL).
+    of the test is killed (the test's store and broker are thrown away anyway).
 ``wait_until``
     ``wait_until(predicate, timeout=..., what=...)``: poll until ``predicate()`` returns a truthy
     value (returned) or fail the test after ``timeout`` seconds. Every wait has a timeout.
@@ -133,13 +133,10 @@ class WorkerProcess:
             pytest.fail(f"worker {self.pid} did not exit in {timeout} s:\n{self.log()[-4000:]}")
 
     def close(self) -> None:
+        # The test's store and broker are thrown away: no need for a graceful (slow) shutdown.
         if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            self.proc.kill()
+            self.proc.wait(10)
         if self._log is not None:
             self._log.close()
 
@@ -226,7 +223,9 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         settings = env.with_overrides(**overrides) if overrides else env.settings
         log_path = tmp_path / f"worker-{len(started)}.log"
         log = log_path.open("wb")
-        child_env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO)}
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        # one thread: tiny models gain nothing from more, and the tests share the CPU
+        child_env = {**os.environ, **settings.to_env(), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker"],
             cwd=REPO,

@@ -41,7 +41,9 @@ def test_lifecycle_queued_running_succeeded_with_progress_metrics_and_model(
     wait_until: Callable[..., Any],
     small_copy_config: Callable[..., JobConfig],
 ) -> None:
-    job = service.submit_job(small_copy_config(steps=300), name="lifecycle")
+    job = service.submit_job(
+        small_copy_config(steps=60, eval_every=20, checkpoint_every=20), name="lifecycle"
+    )
     assert job.status == "queued"
     worker = worker_process(service_env)
     polled: list[tuple[str, int]] = []
@@ -55,7 +57,7 @@ def test_lifecycle_queued_running_succeeded_with_progress_metrics_and_model(
     assert done.status == "succeeded", (done.error, worker.log()[-3000:])
     assert [s for s, _ in itertools.groupby(s for s, _ in polled)][-2:] == ["running", "succeeded"]
     assert done.attempts == 1 and done.error is None and done.model_id is not None
-    assert done.progress.step == 300 and done.progress.fraction == 1.0
+    assert done.progress.step == 60 and done.progress.fraction == 1.0
     assert done.started_at is not None and done.finished_at is not None
     assert done.created_at <= done.started_at <= done.finished_at
     assert "eval_loss" in done.progress.metrics and "loss" in done.progress.metrics
@@ -68,7 +70,7 @@ def test_lifecycle_queued_running_succeeded_with_progress_metrics_and_model(
 
     history = service.job_metrics(job.id)
     evals = [p for p in history if p["phase"] == "eval"]
-    assert [p["step"] for p in evals] == [50, 100, 150, 200, 250, 300]
+    assert [p["step"] for p in evals] == [20, 40, 60]
     assert all("eval_loss" in p and "eval_accuracy" in p for p in evals)
     train = [p for p in history if p["phase"] == "train"]
     assert len(train) >= 2 and all("loss" in p for p in train)

@@ -1,0 +1,113 @@
+"""``kru serve``: the API plus one worker subprocess on the embedded default, stopped cleanly.
+
+A real ``python -m app.cli serve`` process (uvicorn + a Celery worker subprocess, SQLite store,
+SQLAlchemy-transport broker in a temp data dir), driven over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+from kru_core.config import JobConfig
+from worker import service
+
+if TYPE_CHECKING:
+    from conftest import ServiceEnv
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def kru_serve(sqlite_env: ServiceEnv, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """Start ``kru serve`` on a free port with the env's settings; killed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, **sqlite_env.env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+    def start() -> tuple[subprocess.Popen[bytes], str, Path]:
+        port = free_port()
+        log = tmp_path / f"serve-{len(procs)}.log"
+        with log.open("wb") as out:
+            cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc, f"http://127.0.0.1:{port}", log
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_serve_runs_jobs_and_stops_api_and_worker_cleanly(
+    kru_serve: Callable[[], Any],
+    wait_until: Callable[..., Any],
+    small_copy_config: Callable[..., JobConfig],
+) -> None:
+    proc, base, log = kru_serve()
+    wait_until(lambda: healthy(base), timeout=90, what="kru serve to answer /healthz")
+    body = small_copy_config(steps=80, checkpoint_every=20).to_dict()
+    response = httpx.post(f"{base}/v1/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    wait_until(
+        lambda: service.get_job(job_id).progress.step >= 25, timeout=90, what="the job to train"
+    )
+    worker_pid = int(service.get_job(job_id).worker.rsplit(":", 1)[1])
+    assert alive(worker_pid)
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    assert not alive(worker_pid)  # the worker went with it
+    stopped = service.get_job(job_id)
+    assert stopped.status == "queued", log.read_text()[-3000:]  # handed back, not lost
+    assert f"step-{stopped.progress.step:09d}" in {
+        p.name for p in (service.settings().jobs_dir / job_id).iterdir()
+    }
+
+    proc, base, log = kru_serve()  # the next start resumes it
+    done = wait_until(
+        lambda: service.get_job(job_id).status == "succeeded",
+        timeout=120,
+        what="the job to resume and finish",
+    )
+    assert done
+    wait_until(lambda: healthy(base), timeout=30, what="/healthz")
+    assert httpx.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()["status"] == "succeeded"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
