@@ -146,14 +146,16 @@ def evaluate(
     split: str = "valid",
     batch_size: int = EVAL_BATCH_SIZE,
     device: torch.device | str | None = None,
+    limit: int | None = None,
 ) -> dict[str, float]:
-    """The task metrics of ``model`` on a held-out split (``loss``, ``accuracy``, ``mse``, ...)."""
+    """The task metrics of ``model`` on a held-out split (``loss``, ``accuracy``, ``mse``, ...),
+    or on its first ``limit`` examples."""
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     sums: dict[str, tuple[float, float]] = {}
     try:
-        for batch in task.eval_batches(batch_size, split):
+        for batch in task.eval_batches(batch_size, split, limit=limit):
             batch = batch.to(device)
             outputs, _ = model(batch.inputs, lengths=batch.lengths)
             accumulate(sums, task.metric_sums(outputs, batch))

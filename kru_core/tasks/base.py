@@ -145,11 +145,15 @@ class Task:
         """Examples in a held-out split."""
         return len(self._split(split))
 
-    def eval_batches(self, batch_size: int, split: str = "valid") -> Iterator[Batch]:
-        """The fixed held-out examples of ``split`` in batches of at most ``batch_size``."""
+    def eval_batches(
+        self, batch_size: int, split: str = "valid", *, limit: int | None = None
+    ) -> Iterator[Batch]:
+        """The fixed held-out examples of ``split`` (the first ``limit`` of them) in batches of
+        at most ``batch_size``."""
         data = self._split(split)
-        for start in range(0, len(data), batch_size):
-            yield self._slice(data, start, start + batch_size)
+        stop = len(data) if limit is None else min(limit, len(data))
+        for start in range(0, stop, batch_size):
+            yield self._slice(data, start, min(start + batch_size, stop))
 
     def _split(self, split: str) -> Batch:
         if split not in self._eval_sets:

@@ -106,6 +106,9 @@ def test_eval_set_is_fixed_and_apart_from_training_stream() -> None:
     train = a.train_batch(32, torch.Generator().manual_seed(0))
     assert not torch.equal(train.inputs, ea.inputs)
     assert sum(len(bt) for bt in a.eval_batches(10)) == 32 == a.eval_size()
+    limited = list(a.eval_batches(10, limit=25))
+    assert [len(bt) for bt in limited] == [10, 10, 5]
+    assert torch.equal(torch.cat([bt.inputs for bt in limited]), ea.inputs[:25])
 
 
 def test_batch_to_device_keeps_everything() -> None:
