@@ -11,6 +11,17 @@ from torch.func import functional_call
 from kru_core import KRU, KRUCell
 from kru_core.activations import activation_backward, apply_activation
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tensors are tiny: intra-op threads only add OpenMP barrier waits, which become
+    # very slow when the 2 CPUs are shared with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 STRATEGIES = [
     ("dense", None),
     ("merged", None),
