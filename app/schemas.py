@@ -376,8 +376,8 @@ class ModelList(BaseModel):
 # Predictions
 
 
-TokenSequence = Annotated[list[JsonInt], Field(min_length=1)]
-ScalarSequence = Annotated[list[float], Field(min_length=1)]
+# Tokens (ints), or one number per step for 1-feature models; ints stay ints.
+NumberSequence = Annotated[list[JsonInt | float], Field(min_length=1)]
 FeatureSequence = Annotated[list[Annotated[list[float], Field(min_length=1)]], Field(min_length=1)]
 TextSequence = Annotated[str, Field(min_length=1)]
 
@@ -398,7 +398,7 @@ class PredictRequest(BaseModel):
         },
     )
 
-    inputs: list[TokenSequence | ScalarSequence | FeatureSequence | TextSequence] = Field(
+    inputs: list[NumberSequence | FeatureSequence | TextSequence] = Field(
         min_length=1,
         description="one entry per sequence: a list of tokens (ints) for token tasks (copy, "
         "token datasets, text), a string for text models, or a list of feature vectors (lists "
