@@ -45,8 +45,8 @@ def job_body(name: str, *, steps: int) -> dict:
             "steps": steps,
             "batch_size": 16,
             "lr": 0.01,
-            "eval_every": 100,
-            "checkpoint_every": 100,
+            "eval_every": 50,
+            "checkpoint_every": 50,
             "device": "cpu",
         },
     }
@@ -93,6 +93,8 @@ def test_two_jobs_run_at_once_on_two_workers(tmp_path: Path) -> None:
             KRU_LOG_LEVEL="INFO",
             KRU_HEARTBEAT_INTERVAL="0.5",
             KRU_PROGRESS_INTERVAL="0.2",
+            # two CPU workers on a small machine: one thread each, as a CPU share would give them
+            OMP_NUM_THREADS="1",
         )
         # Each process in a directory of its own, like a container: only /data is shared.
         homes = {name: tmp_path / name for name in ("api", "worker-1", "worker-2")}
@@ -118,7 +120,7 @@ def test_two_jobs_run_at_once_on_two_workers(tmp_path: Path) -> None:
                         responses = list(
                             pool.map(
                                 lambda name: client.post(
-                                    "/v1/jobs", json=job_body(name, steps=400)
+                                    "/v1/jobs", json=job_body(name, steps=150)
                                 ),
                                 ["topology-a", "topology-b"],
                             )
