@@ -28,11 +28,13 @@ TaskKind = Literal["copy", "adding", "mnist", "dataset", "text"]
 CellKind = Literal["kru", "kru_lstm", "rnn", "lstm"]
 Activation = Literal["modrelu", "split_relu", "tanh", "identity"]
 OptimizerKind = Literal["rmsprop", "adam"]
+LrSchedule = Literal["constant", "cosine"]
 
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
 CELL_KINDS: tuple[str, ...] = typing.get_args(CellKind)
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerKind)
+LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrSchedule)
 
 
 class ConfigError(ValueError):
@@ -157,6 +159,8 @@ class TrainConfig:
         optimizer: ``rmsprop`` or ``adam``.
         lr: learning rate of every parameter but the Kronecker factors.
         factor_lr: learning rate of the Kronecker factors (``None``: same as ``lr``).
+        lr_schedule: ``constant``, or ``cosine``: both learning rates decay as
+            ``(1 + cos(pi * step / steps)) / 2`` towards 0 at the last step.
         unitary_penalty: weight of ``sum_f ||W_f^H W_f - I||_F^2`` in the loss.
         clip_grad_norm: clip the global gradient norm to this value (``None``: no clipping).
         eval_every: evaluate on held-out data every this many steps.
@@ -171,6 +175,7 @@ class TrainConfig:
     optimizer: OptimizerKind = "rmsprop"
     lr: float = 1e-3
     factor_lr: float | None = None
+    lr_schedule: LrSchedule = "constant"
     unitary_penalty: float = 1e-3
     clip_grad_norm: float | None = None
     eval_every: int = 100
@@ -183,6 +188,11 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 "train.optimizer", f"expected one of {list(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                "train.lr_schedule",
+                f"expected one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}",
             )
         _check_range("train.steps", self.steps, ge=1, le=10_000_000)
         _check_range("train.batch_size", self.batch_size, ge=1, le=4096)

@@ -55,7 +55,7 @@ class Progress:
         step: optimizer steps done.
         total_steps: ``train.steps``.
         metrics: ``kind="train"``: ``loss`` (the task loss), ``penalty`` (the unitary penalty,
-            unweighted), ``grad_norm`` (when clipping); ``kind="eval"``: ``eval_loss`` and the
+            unweighted), ``lr`` (the scheduled learning rate), ``grad_norm`` (when clipping); ``kind="eval"``: ``eval_loss`` and the
             task metrics (``eval_accuracy``, ``eval_mse``, ``eval_bpc``, ...); ``kind=
             "checkpoint"``: the metrics saved with it.
         kind: ``train``, ``eval`` or ``checkpoint``.
@@ -116,6 +116,17 @@ def build_model(
         device=device,
         **inputs,
     )
+
+
+def learning_rates(train_config: TrainConfig, step: int) -> dict[str, float]:
+    """The learning rate of each optimizer group (``main``, ``factors``) for the update that
+    follows ``step`` completed steps, under ``train.lr_schedule``."""
+    tc = train_config
+    scale = 1.0
+    if tc.lr_schedule == "cosine":
+        scale = 0.5 * (1.0 + math.cos(math.pi * min(step, tc.steps) / tc.steps))
+    factor_lr = tc.factor_lr if tc.factor_lr is not None else tc.lr
+    return {"main": tc.lr * scale, "factors": factor_lr * scale}
 
 
 def build_optimizer(model: SequenceModel, train_config: TrainConfig) -> torch.optim.Optimizer:
@@ -308,6 +319,10 @@ class _Run:
         if self.tc.clip_grad_norm is not None:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.clip_grad_norm)
             metrics["grad_norm"] = float(norm)
+        rates = learning_rates(self.tc, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rates[group["name"]]
+        metrics["lr"] = rates["main"]
         self.optimizer.step()
         self.step += 1
         return metrics

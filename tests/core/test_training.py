@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from kru_core.checkpoint import CheckpointStore
 from kru_core.config import JobConfig
 from kru_core.errors import TrainingError
 from kru_core.tasks import CopyTask, TaskInfo
-from kru_core.training import Progress, build_model, build_optimizer, train
+from kru_core.training import Progress, build_model, build_optimizer, learning_rates, train
 
 torch.set_num_threads(1)
 
@@ -57,6 +58,17 @@ def test_each_parameter_in_exactly_one_group(cell: str, optimizer: str) -> None:
     assert type(opt).__name__.lower() == optimizer
 
 
+def test_learning_rate_schedules() -> None:
+    const = tiny(steps=100, lr=0.01, factor_lr=0.1)
+    assert learning_rates(const.train, 0) == learning_rates(const.train, 99)
+    assert learning_rates(const.train, 50) == {"main": 0.01, "factors": 0.1}
+    cos = tiny(steps=100, lr=0.01, lr_schedule="cosine")
+    assert learning_rates(cos.train, 0) == {"main": 0.01, "factors": 0.01}
+    assert learning_rates(cos.train, 50)["main"] == pytest.approx(0.005)
+    last = 0.01 * 0.5 * (1 + math.cos(math.pi * 0.99))
+    assert learning_rates(cos.train, 99)["main"] == pytest.approx(last)
+
+
 def test_run_reports_progress_and_saves(tmp_path: Path) -> None:
     events: list[Progress] = []
     result = train(tiny(), out_dir=tmp_path, on_progress=events.append)
@@ -67,7 +79,7 @@ def test_run_reports_progress_and_saves(tmp_path: Path) -> None:
     assert kinds == [("eval", 3), ("checkpoint", 3), ("eval", 6), ("checkpoint", 6)]
     train_steps = [e.step for e in events if e.kind == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "penalty"} <= set(events[0].metrics)
+    assert {"loss", "penalty", "lr"} <= set(events[0].metrics)
     assert {"eval_loss", "eval_accuracy", "eval_memoryless_loss"} <= set(result.metrics)
     saved = json.loads((result.checkpoint / "checkpoint.json").read_text())
     assert saved["metrics"] == result.metrics and saved["step"] == 6
@@ -75,7 +87,9 @@ def test_run_reports_progress_and_saves(tmp_path: Path) -> None:
 
 def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
     """Stopped after step 3 and resumed = uninterrupted: same batches, same optimizer state."""
-    cfg = tiny(steps=7, optimizer="adam", clip_grad_norm=1.0, unitary_penalty=0.1)
+    cfg = tiny(
+        steps=7, optimizer="adam", clip_grad_norm=1.0, unitary_penalty=0.1, lr_schedule="cosine"
+    )
     straight = train(cfg, out_dir=tmp_path / "a")
     assert straight.status == "completed" and straight.step == 7
     calls = {"n": 0}
