@@ -18,7 +18,13 @@ def register_tasks(app: Celery) -> None:
     """Register ``kru.train`` on ``app`` (late ack, reject on worker lost, no result)."""
     from worker.celery_app import TRAIN_TASK
 
-    @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    @app.task(
+        name=TRAIN_TASK,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        shared=False,
+    )
     def train(job_id: str) -> None:
         """Claim the job and train it; a job another live worker holds is left alone."""
         if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):

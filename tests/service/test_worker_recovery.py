@@ -7,7 +7,6 @@ every 0.5 s).
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 #: Long enough to be caught mid-run, short enough to finish soon after a resume.
-STEPS = 160
+STEPS = 120
 CHECKPOINT_EVERY = 20
 
 
@@ -161,51 +160,18 @@ def test_duplicate_delivery_of_a_running_job_is_a_no_op(
     assert f"job {job.id}: attempt" not in other.log()
 
 
-def test_restart_keeps_everything_and_runs_queued_jobs(
-    sqlite_env: ServiceEnv,
-    worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
-) -> None:
-    worker = worker_process(sqlite_env)
-    dataset = service.create_dataset("kept.txt", b"to be or not to be\n" * 10)
-    first = service.submit_job(small_copy_config(steps=60))
-    done = wait_until(lambda: finished(first.id), timeout=90, what="the first job")
-    assert done.status == "succeeded"
-    metrics = service.job_metrics(first.id)
-    assert worker.terminate() == 0
-
-    service.shutdown()  # the API goes down too, and comes back
-    service.init(sqlite_env.settings)
-    queued = service.submit_job(small_copy_config(steps=30))
-    never_sent = uuid.uuid4().hex  # committed, then the API died before publishing it
-    jobs.create(
-        context.current().store,
-        job_id=never_sent,
-        name=None,
-        config=small_copy_config(steps=30).to_dict(),
-    )
-    time.sleep(1.5)
-    assert service.get_job(queued.id).status == "queued"  # no worker yet
-
-    assert service.get_job(first.id) == done
-    assert service.job_metrics(first.id) == metrics
-    assert service.get_dataset(dataset.id) == dataset
-    assert service.get_model(done.model_id).checkpoint.is_dir()
-
-    worker_process(sqlite_env)
-    for job_id in (queued.id, never_sent):
-        ended = wait_until(lambda j=job_id: finished(j), timeout=90, what=f"job {job_id}")
-        assert ended.status == "succeeded" and ended.attempts == 1
-
-
-def test_sigterm_checkpoints_requeues_and_the_job_finishes_later(
+def test_sigterm_and_restart_keep_every_job_and_run_the_queued_ones(
     redis_pg_env: ServiceEnv,
     worker_process: Callable[..., Any],
     wait_until: Callable[..., Any],
     small_copy_config: Callable[..., JobConfig],
 ) -> None:
+    """SIGTERM mid-job: the job checkpoints and goes back to the queue; the API restarts too;
+    everything is still there, and a new worker runs the requeued job (resuming), a queued one
+    and one whose message was never published."""
     first = worker_process(redis_pg_env)
+    dataset = service.create_dataset("kept.txt", b"to be or not to be\n" * 10)
+    earlier = service.submit_job(small_copy_config(steps=20))
     job = service.submit_job(long_job(small_copy_config))
     wait_until(
         lambda: step_at_least(job.id, CHECKPOINT_EVERY + 5), timeout=90, what="the job to run"
@@ -221,8 +187,28 @@ def test_sigterm_checkpoints_requeues_and_the_job_finishes_later(
         "attempt": 1,
         "reason": "worker shutting down",
     }
+    done_before = service.get_job(earlier.id)
+    assert done_before.status == "succeeded"
+    metrics = service.job_metrics(earlier.id)
+
+    service.shutdown()  # the API goes down too, and comes back
+    service.init(redis_pg_env.settings)
+    queued = service.submit_job(small_copy_config(steps=20))
+    never_sent = uuid.uuid4().hex  # committed, then the API died before publishing it
+    jobs.create(
+        context.current().store,
+        job_id=never_sent,
+        name=None,
+        config=small_copy_config(steps=20).to_dict(),
+    )
+    assert service.get_job(earlier.id) == done_before
+    assert service.job_metrics(earlier.id) == metrics
+    assert service.get_dataset(dataset.id) == dataset
+    assert service.get_model(done_before.model_id).checkpoint.is_dir()
 
     worker_process(redis_pg_env)
-    done = wait_until(lambda: finished(job.id), timeout=120, what="the requeued job")
-    assert done.status == "succeeded" and done.attempts == 1
+    for job_id in (job.id, queued.id, never_sent):
+        ended = wait_until(lambda j=job_id: finished(j), timeout=120, what=f"job {job_id}")
+        assert ended.status == "succeeded" and ended.attempts == 1
     assert {"status": "running", "attempt": 1, "resumed_from_step": at} in status_events(job.id)
+    assert service.list_jobs().total == 4

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from kru_core.config import JobConfig
 from worker import service
 
 if TYPE_CHECKING:
@@ -73,41 +72,39 @@ def healthy(base: str) -> bool:
         return False
 
 
-def test_serve_runs_jobs_and_stops_api_and_worker_cleanly(
-    kru_serve: Callable[[], Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
+def test_serve_runs_jobs_and_ctrl_c_stops_api_and_worker_cleanly(
+    kru_serve: Callable[[], Any], wait_until: Callable[..., Any]
 ) -> None:
     proc, base, log = kru_serve()
     wait_until(lambda: healthy(base), timeout=90, what="kru serve to answer /healthz")
-    body = small_copy_config(steps=80, checkpoint_every=20).to_dict()
-    response = httpx.post(f"{base}/v1/jobs", json=body, timeout=10)
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
+    ids = []
+    for steps in (20, 1_000_000):
+        body = {
+            "task": {"kind": "copy", "delay": 5, "eval_size": 64},
+            "model": {"cell": "kru", "hidden_size": 16},
+            "train": {"steps": steps, "batch_size": 16, "checkpoint_every": 20, "device": "cpu"},
+        }
+        response = httpx.post(f"{base}/v1/jobs", json=body, timeout=10)
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    short, long = ids
     wait_until(
-        lambda: service.get_job(job_id).progress.step >= 25, timeout=90, what="the job to train"
+        lambda: service.get_job(short).status == "succeeded", timeout=90, what="the first job"
     )
-    worker_pid = int(service.get_job(job_id).worker.rsplit(":", 1)[1])
+    wait_until(
+        lambda: service.get_job(long).progress.step >= 25,
+        timeout=90,
+        what="the second job to train",
+    )
+    worker_pid = int(service.get_job(long).worker.rsplit(":", 1)[1])
     assert alive(worker_pid)
 
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0, log.read_text()[-3000:]
-    assert not alive(worker_pid)  # the worker went with it
-    stopped = service.get_job(job_id)
-    assert stopped.status == "queued", log.read_text()[-3000:]  # handed back, not lost
-    assert f"step-{stopped.progress.step:09d}" in {
-        p.name for p in (service.settings().jobs_dir / job_id).iterdir()
-    }
-
-    proc, base, log = kru_serve()  # the next start resumes it
-    done = wait_until(
-        lambda: service.get_job(job_id).status == "succeeded",
-        timeout=120,
-        what="the job to resume and finish",
-    )
-    assert done
-    wait_until(lambda: healthy(base), timeout=30, what="/healthz")
-    assert httpx.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()["status"] == "succeeded"
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     assert proc.wait(60) == 0, log.read_text()[-3000:]
-    assert "Traceback" not in log.read_text()
+    assert not alive(worker_pid)  # the worker went with it
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    stopped = service.get_job(long)
+    assert stopped.status == "queued", output[-3000:]  # handed back, resumes at the next start
+    saved = {p.name for p in (service.settings().jobs_dir / long).iterdir()}
+    assert f"step-{stopped.progress.step:09d}" in saved
