@@ -85,6 +85,7 @@ def create_app(
     app.state.settings = settings
     app.state.sse_timing = sse_timing or StreamTiming()
     app.state.predictor = Predictor(
+        lambda model_id: service.get_model(model_id).checkpoint,
         cache_size=settings.model_cache_size,
         max_sequences=settings.max_sequences_per_request,
         max_sequence_length=settings.max_sequence_length,

@@ -22,6 +22,7 @@ from kru_core.errors import InputError
 from kru_core.inference import LoadedModel
 
 Loader = Callable[[Path], LoadedModel]
+Resolver = Callable[[str], Path]
 
 
 def _load_on_cpu(checkpoint: Path) -> LoadedModel:
@@ -32,17 +33,20 @@ class ModelCache:
     """A thread-safe LRU cache of loaded models, keyed by model id.
 
     Two requests for the same model that is not loaded yet load it once; requests for other,
-    cached models are not held up by a load.
+    cached models are not held up by a load. Models never change once registered, so a cached
+    one is served without asking the registry again.
 
     Args:
         capacity: models kept; the least recently used is dropped beyond it.
+        resolve: the checkpoint directory of a model id (raises for an unknown id).
         loader: loads a checkpoint directory (default: on the CPU).
     """
 
-    def __init__(self, capacity: int, *, loader: Loader = _load_on_cpu) -> None:
+    def __init__(self, capacity: int, *, resolve: Resolver, loader: Loader = _load_on_cpu) -> None:
         if capacity < 1:
             raise ValueError(f"expected a capacity >= 1, got {capacity}")
         self.capacity = capacity
+        self._resolve = resolve
         self._loader = loader
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -56,8 +60,8 @@ class ModelCache:
         with self._lock:
             return model_id in self._models
 
-    def get(self, model_id: str, checkpoint: Path) -> LoadedModel:
-        """The loaded model ``model_id``, loading ``checkpoint`` on a miss."""
+    def get(self, model_id: str) -> LoadedModel:
+        """The loaded model ``model_id``, resolving and loading its checkpoint on a miss."""
         with self._lock:
             model = self._hit(model_id)
             if model is not None:
@@ -68,12 +72,15 @@ class ModelCache:
                 model = self._hit(model_id)
             if model is not None:
                 return model
-            model = self._loader(checkpoint)
+            try:
+                model = self._loader(self._resolve(model_id))
+            finally:
+                with self._lock:
+                    self._loading.pop(model_id, None)
             with self._lock:
                 self._models[model_id] = model
                 while len(self._models) > self.capacity:
                     self._models.popitem(last=False)
-                self._loading.pop(model_id, None)
         return model
 
     def _hit(self, model_id: str) -> LoadedModel | None:
@@ -87,6 +94,8 @@ class Predictor:
     """Validates prediction and generation requests and runs them on cached models.
 
     Args:
+        resolve: the checkpoint directory of a model id; raises ``NotFound`` for an unknown id
+            (the API passes the model registry's lookup).
         cache_size: models kept loaded (``KRU_MODEL_CACHE_SIZE``).
         max_sequences: sequences per predict request (``KRU_MAX_SEQUENCES_PER_REQUEST``).
         max_sequence_length: steps per sequence, prompt characters and new characters per
@@ -96,26 +105,22 @@ class Predictor:
 
     def __init__(
         self,
+        resolve: Resolver,
         *,
         cache_size: int,
         max_sequences: int,
         max_sequence_length: int,
         loader: Loader = _load_on_cpu,
     ) -> None:
-        self.cache = ModelCache(cache_size, loader=loader)
+        self.cache = ModelCache(cache_size, resolve=resolve, loader=loader)
         self.max_sequences = max_sequences
         self.max_sequence_length = max_sequence_length
 
     def predict(
-        self,
-        model_id: str,
-        checkpoint: Path,
-        inputs: Sequence[Sequence[Any]],
-        *,
-        probabilities: bool = False,
+        self, model_id: str, inputs: Sequence[Sequence[Any]], *, probabilities: bool = False
     ) -> dict[str, Any]:
         """``{"predictions": [...], "probabilities"?: [...]}`` for ``inputs``; or InputError."""
-        model = self.cache.get(model_id, checkpoint)
+        model = self.cache.get(model_id)
         validate_inputs(
             inputs,
             model.info,
@@ -128,7 +133,6 @@ class Predictor:
     def generate(
         self,
         model_id: str,
-        checkpoint: Path,
         prompt: str,
         *,
         max_new_tokens: int,
@@ -136,7 +140,7 @@ class Predictor:
         seed: int | None,
     ) -> str:
         """Text continuing ``prompt``; InputError for a non-text model or a bad prompt."""
-        model = self.cache.get(model_id, checkpoint)
+        model = self.cache.get(model_id)
         validate_prompt(
             prompt, model.info, max_new_tokens=max_new_tokens, max_length=self.max_sequence_length
         )

@@ -51,14 +51,11 @@ def predict(
     model_id: ModelId, body: PredictRequest, predictor: PredictorDep, metrics: MetricsDep
 ) -> PredictResponse:
     """Predict: one label per step (copy, labelling, text) or one value per sequence."""
-    model = service.get_model(model_id)
     start = time.perf_counter()
-    result = predictor.predict(
-        model.id, model.checkpoint, body.inputs, probabilities=body.probabilities
-    )
+    result = predictor.predict(model_id, body.inputs, probabilities=body.probabilities)
     metrics.predict_latency.labels("predict").observe(time.perf_counter() - start)
     return PredictResponse(
-        model_id=model.id,
+        model_id=model_id,
         predictions=result["predictions"],
         probabilities=result.get("probabilities") if body.probabilities else None,
     )
@@ -73,15 +70,13 @@ def generate(
     model_id: ModelId, body: GenerateRequest, predictor: PredictorDep, metrics: MetricsDep
 ) -> GenerateResponse:
     """Generate text from a character-level model (task ``text``; other models: 422)."""
-    model = service.get_model(model_id)
     start = time.perf_counter()
     text = predictor.generate(
-        model.id,
-        model.checkpoint,
+        model_id,
         body.prompt,
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
         seed=body.seed,
     )
     metrics.predict_latency.labels("generate").observe(time.perf_counter() - start)
-    return GenerateResponse(model_id=model.id, prompt=body.prompt, text=text)
+    return GenerateResponse(model_id=model_id, prompt=body.prompt, text=text)
