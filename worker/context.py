@@ -6,6 +6,7 @@ worker through :func:`worker.runner.run_worker`); everything else reads :func:`c
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sqlite3
 import threading
@@ -79,10 +80,11 @@ def init(settings: Settings) -> Context:
         if _current is not None:
             _current.close()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        _prepare_embedded_broker(settings)
         store = Store(settings.database_url)
         store.create_all()
-        _current = Context(settings=settings, store=store, celery=create_celery_app(settings))
+        celery = create_celery_app(settings)
+        _prepare_embedded_broker(settings, celery)
+        _current = Context(settings=settings, store=store, celery=celery)
         return _current
 
 
@@ -102,15 +104,21 @@ def close() -> None:
             _current = None
 
 
-def _prepare_embedded_broker(settings: Settings) -> None:
-    # WAL lets the API publish while a worker polls; the mode is stored in the file, so setting it
-    # once here covers kombu's own engine, which we do not configure.
+def _prepare_embedded_broker(settings: Settings, celery: Celery) -> None:
+    """WAL mode and kombu's tables for a SQLite broker file, under a file lock, so that the API
+    and a worker starting together do not race to create them."""
     if not settings.broker_url.startswith("sqla+sqlite:///"):
         return
     path = Path(settings.broker_url.removeprefix("sqla+sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-    finally:
-        conn.close()
+    with open(path.with_name(path.name + ".init-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # The journal mode is stored in the file: setting it once here covers kombu's own
+        # engine, which we do not configure. WAL lets the API publish while a worker polls.
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            conn.close()
+        with celery.connection_for_write() as connection:
+            connection.default_channel.queue_declare(settings.queue_name)  # kombu's tables

@@ -22,6 +22,7 @@ from worker.models import Base
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+_SCHEMA_LOCK = 0x6B72_7500  # PostgreSQL advisory lock key of schema creation ("kru")
 
 
 class Store:
@@ -36,8 +37,13 @@ class Store:
         self._write = sessionmaker(writer, expire_on_commit=False)
 
     def create_all(self) -> None:
-        """Create the tables that do not exist yet."""
-        Base.metadata.create_all(self.engine)
+        """Create the tables that do not exist yet, in one transaction that processes starting
+        at the same time take in turn (a write lock on SQLite, an advisory lock on PostgreSQL)."""
+        writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        with writer.begin() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            Base.metadata.create_all(conn)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
