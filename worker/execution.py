@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from kru_core.config import ConfigError, JobConfig
 from worker import jobs
 from worker.context import Context
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 shutdown_requested = threading.Event()
 
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StoreUnavailable(Exception):
+    """The job store could not be reached to claim a job; the message must not be dropped."""
 
 
 class Heartbeat(threading.Thread):
@@ -114,13 +120,16 @@ def run_job(ctx: Context, job_id: str) -> None:
     """Claim the job and run it to an end, or do nothing if it cannot be claimed."""
     settings = ctx.settings
     stale_before = jobs.stale_cutoff(settings.heartbeat_timeout)
-    claim = jobs.claim(
-        ctx.store,
-        job_id,
-        worker=WORKER_NAME,
-        max_attempts=settings.max_attempts,
-        stale_before=stale_before,
-    )
+    try:
+        claim = jobs.claim(
+            ctx.store,
+            job_id,
+            worker=WORKER_NAME,
+            max_attempts=settings.max_attempts,
+            stale_before=stale_before,
+        )
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(f"job {job_id}: cannot claim it: {exc}") from exc
     if claim is None:
         logger.info("job %s: not claimable (held by a live worker, finished or unknown)", job_id)
         return

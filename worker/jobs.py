@@ -252,8 +252,11 @@ def request_cancel(store: Store, job_id: str) -> str | None:
     the job is unknown). A finished job is left alone."""
     now = utcnow()
     with store.writing() as db:
+        # FOR UPDATE (PostgreSQL): a concurrent claim waits for this decision, and vice versa.
         row = db.execute(
-            select(jobs.c.status, jobs.c.cancel_requested).where(jobs.c.id == job_id)
+            select(jobs.c.status, jobs.c.cancel_requested)
+            .where(jobs.c.id == job_id)
+            .with_for_update()
         ).first()
         if row is None:
             return None
