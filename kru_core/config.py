@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 TaskKind = Literal["copy", "adding", "mnist", "dataset", "text"]
 CellKind = Literal["kru", "kru_lstm", "rnn", "lstm"]
-Activation = Literal["modrelu", "split_relu", "tanh", "identity"]
+Activation = Literal["auto", "modrelu", "split_relu", "tanh", "identity"]
 OptimizerKind = Literal["rmsprop", "adam"]
 LrSchedule = Literal["constant", "cosine"]
 
@@ -117,14 +117,16 @@ class ModelConfig:
         factors: Kronecker factor sizes (ints for square factors, ``[P, Q]`` pairs), or ``None``
             for :func:`kru_core.factorize`'s default.
         complex: complex factors and hidden state (KRU); real factors when false.
-        activation: ``modrelu``, ``split_relu``, ``tanh`` (real only) or ``identity``.
+        activation: ``modrelu``, ``split_relu``, ``tanh`` (real only), ``identity``, or
+            ``auto``: the measured choice for the task (``docs/results.md``): ``split_relu``
+            for ``adding``, ``modrelu`` for everything else.
     """
 
     cell: CellKind = "kru"
     hidden_size: int = 128
     factors: tuple[int | tuple[int, int], ...] | None = None
     complex: bool = True
-    activation: Activation = "modrelu"
+    activation: Activation = "auto"
 
     def __post_init__(self) -> None:
         if self.cell not in CELL_KINDS:

@@ -55,9 +55,9 @@ class Progress:
         step: optimizer steps done.
         total_steps: ``train.steps``.
         metrics: ``kind="train"``: ``loss`` (the task loss), ``penalty`` (the unitary penalty,
-            unweighted), ``lr`` (the scheduled learning rate), ``grad_norm`` (when clipping); ``kind="eval"``: ``eval_loss`` and the
-            task metrics (``eval_accuracy``, ``eval_mse``, ``eval_bpc``, ...); ``kind=
-            "checkpoint"``: the metrics saved with it.
+            unweighted), ``lr`` (the scheduled learning rate), ``grad_norm`` (when clipping);
+            ``kind="eval"``: ``eval_loss`` and the task metrics (``eval_accuracy``,
+            ``eval_mse``, ``eval_bpc``, ...); ``kind="checkpoint"``: the metrics saved with it.
         kind: ``train``, ``eval`` or ``checkpoint``.
     """
 
@@ -96,6 +96,15 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def resolve_activation(model_config: ModelConfig, task_info: TaskInfo) -> str:
+    """``model.activation``, with ``auto`` resolved for the task: ``split_relu`` for ``adding``
+    (it learns the gating much faster), ``modrelu`` otherwise (split ReLU cannot hold the copy
+    task's memory); the runs that decided it are in ``docs/results.md``."""
+    if model_config.activation != "auto":
+        return model_config.activation
+    return "split_relu" if task_info.task_kind == "adding" else "modrelu"
+
+
 def build_model(
     model_config: ModelConfig, task_info: TaskInfo, *, device: torch.device | str | None = None
 ) -> SequenceModel:
@@ -112,7 +121,7 @@ def build_model(
         head=task_info.head,
         factors=None if model_config.factors is None else list(model_config.factors),
         complex=model_config.complex,
-        activation=model_config.activation,
+        activation=resolve_activation(model_config, task_info),
         device=device,
         **inputs,
     )

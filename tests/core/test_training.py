@@ -13,7 +13,14 @@ from kru_core.checkpoint import CheckpointStore
 from kru_core.config import JobConfig
 from kru_core.errors import TrainingError
 from kru_core.tasks import CopyTask, TaskInfo
-from kru_core.training import Progress, build_model, build_optimizer, learning_rates, train
+from kru_core.training import (
+    Progress,
+    build_model,
+    build_optimizer,
+    learning_rates,
+    resolve_activation,
+    train,
+)
 
 torch.set_num_threads(1)
 
@@ -56,6 +63,20 @@ def test_each_parameter_in_exactly_one_group(cell: str, optimizer: str) -> None:
         assert {id(p) for p in by_name["factors"]["params"]} == factors
         assert by_name["factors"]["lr"] == 0.05
     assert type(opt).__name__.lower() == optimizer
+
+
+def test_auto_activation_is_the_measured_choice() -> None:
+    from kru_core.tasks import AddingTask
+
+    copy_info = CopyTask(delay=3, eval_size=1).info
+    adding_info = AddingTask(length=4, eval_size=1).info
+    auto = tiny().model
+    assert auto.activation == "auto"
+    assert resolve_activation(auto, copy_info) == "modrelu"
+    assert resolve_activation(auto, adding_info) == "split_relu"
+    explicit = tiny().replace(model={"activation": "modrelu"}).model
+    assert resolve_activation(explicit, adding_info) == "modrelu"
+    assert build_model(auto, adding_info).rnn.activation == "split_relu"
 
 
 def test_learning_rate_schedules() -> None:
