@@ -53,7 +53,8 @@ class JobView:
         name: the user's name for it, or ``None``.
         status: ``queued``, ``running``, ``succeeded``, ``failed`` or ``cancelled``.
         config: the validated training config (``JobConfig.to_dict()``; ``name`` included).
-        attempts: how many times a worker has started it (2 after one lost worker).
+        attempts: how many times a worker has started it (2 after one lost worker; a run that a
+            worker handed back at a graceful shutdown is not counted).
         created_at, started_at, finished_at: UTC times; the last two ``None`` until reached.
         progress: step, total steps, fraction and last metrics.
         model_id: the registered model once ``succeeded``, else ``None``.
@@ -81,9 +82,10 @@ class JobView:
 class EventView:
     """One job event, for Server-Sent Events (``id`` increases; resume with ``after=id``).
 
-    ``kind`` is ``"status"`` (``data``: ``status``, ``attempt``, and ``error``, ``model_id``,
-    ``resumed_from_step`` where they apply) or ``"progress"`` (``data``: ``step``,
-    ``total_steps``, ``fraction``, ``metrics``, ``phase`` = ``train``/``eval``/``checkpoint``).
+    ``kind`` is ``"status"`` (``data``: ``status``, ``attempt``, and where they apply ``worker``,
+    ``resumed_from_step``, ``reason`` (why a job went back to ``queued``), ``cancel_requested``,
+    ``error``, ``model_id``) or ``"progress"`` (``data``: ``step``, ``total_steps``,
+    ``fraction``, ``metrics``, ``phase`` = ``train``/``eval``/``checkpoint``).
     """
 
     id: int
