@@ -24,6 +24,7 @@ __all__ = [
     "MODRELU_EPS",
     "activation_backward",
     "apply_activation",
+    "complex_abs",
     "modrelu",
     "split_relu",
 ]
@@ -34,6 +35,15 @@ ACTIVATIONS = ("modrelu", "split_relu", "tanh", "identity")
 #: ``eps`` in modReLU's ``z / (|z| + eps)``: EURNN's value. Near ``z = 0`` with ``b > 0`` the
 #: derivative is about ``b / eps`` (``docs/speed.md`` pitfall 5), so biases start at ``b <= 0``.
 MODRELU_EPS = 1e-5
+
+
+def complex_abs(z: Tensor) -> Tensor:
+    """``|z|``, fast: ``sqrt(Re(z conj z))`` for complex ``z`` (about 2x quicker than
+    ``torch.abs`` on CPU, which guards against overflow beyond ``1e19``); ``torch.abs`` while
+    autograd records ``z`` (its gradient at ``z = 0`` is 0, the square root's is not)."""
+    if not z.is_complex() or (z.requires_grad and torch.is_grad_enabled()):
+        return z.abs()
+    return torch.mul(z, z.conj()).real.sqrt()
 
 
 def modrelu(z: Tensor, bias: Tensor | None, eps: float = MODRELU_EPS) -> Tensor:
@@ -50,7 +60,7 @@ def modrelu(z: Tensor, bias: Tensor | None, eps: float = MODRELU_EPS) -> Tensor:
         >>> modrelu(z, torch.tensor([-1.0, -1.0]))
         tensor([2.4000+3.2000j, 0.0000+0.0000j])
     """
-    r = z.abs()
+    r = complex_abs(z)
     m = r if bias is None else r + bias
     return z * (torch.relu(m) / (r + eps))
 

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .activations import ACTIVATIONS, MODRELU_EPS, activation_backward, apply_activation
+from .activations import (
+    ACTIVATIONS,
+    MODRELU_EPS,
+    activation_backward,
+    apply_activation,
+    complex_abs,
+)
 from .kron import (
     STRATEGIES,
     KronPlan,
@@ -276,7 +282,7 @@ def _modrelu_forward(
     """modReLU into ``h`` plus what its backward needs (see ``activation_backward``):
     ``scale = relu(r + b) / den``, ``coef = 1[r+b>0] (eps - b) / (den^2 r)``,
     ``bgrad = 1[r+b>0] / den`` with ``r = |z|`` and ``den = r + eps``."""
-    r = z.abs()
+    r = complex_abs(z)
     m = r + bias if bias is not None else r.clone()
     active = m > 0
     den = r + MODRELU_EPS
