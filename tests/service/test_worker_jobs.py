@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+from worker_helpers import finished, saved_steps, status_events
 
 from kru_core.config import JobConfig
 from worker import service
@@ -24,15 +25,6 @@ if TYPE_CHECKING:
     from conftest import ServiceEnv
 
 pytestmark = pytest.mark.slow
-
-
-def finished(job_id: str) -> JobView | None:
-    job = service.get_job(job_id)
-    return job if job.status in FINISHED_STATUSES else None
-
-
-def status_events(job_id: str) -> list[dict[str, Any]]:
-    return [e.data for e in service.job_events(job_id) if e.kind == "status"]
 
 
 def test_lifecycle_queued_running_succeeded_with_progress_metrics_and_model(
@@ -110,8 +102,7 @@ def test_cancel_a_running_job_keeps_its_checkpoint(
     assert done.status == "cancelled", (done.error, worker.log()[-3000:])
     assert took < 5, took
     assert done.model_id is None and done.finished_at is not None
-    run_dir = sqlite_env.settings.jobs_dir / job.id
-    saved = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("step-*"))
+    saved = saved_steps(sqlite_env.settings.jobs_dir, job.id)
     assert saved and saved[-1] == done.progress.step  # saved where it stopped
     assert status_events(job.id)[-1] == {"status": "cancelled", "attempt": 1}
     with pytest.raises(Conflict, match="already cancelled"):

@@ -13,11 +13,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from worker_helpers import finished, saved_steps, status_events
 
 from kru_core.config import JobConfig
 from worker import context, jobs, service
 from worker.models import utcnow
-from worker.views import FINISHED_STATUSES, JobView
 
 if TYPE_CHECKING:
     from conftest import ServiceEnv
@@ -27,20 +27,6 @@ pytestmark = pytest.mark.slow
 #: Long enough to be caught mid-run, short enough to finish soon after a resume.
 STEPS = 120
 CHECKPOINT_EVERY = 20
-
-
-def finished(job_id: str) -> JobView | None:
-    job = service.get_job(job_id)
-    return job if job.status in FINISHED_STATUSES else None
-
-
-def status_events(job_id: str) -> list[dict[str, Any]]:
-    return [e.data for e in service.job_events(job_id) if e.kind == "status"]
-
-
-def saved_steps(env: ServiceEnv, job_id: str) -> list[int]:
-    run_dir = env.settings.jobs_dir / job_id
-    return sorted(int(p.name.split("-")[1]) for p in run_dir.glob("step-*"))
 
 
 def long_job(config: Callable[..., JobConfig]) -> JobConfig:
@@ -63,7 +49,7 @@ def test_killed_worker_job_resumes_from_its_checkpoint_on_a_new_worker(
         lambda: step_at_least(job.id, 2 * CHECKPOINT_EVERY + 5), timeout=90, what="two checkpoints"
     )
     first.kill()
-    checkpoint = saved_steps(service_env, job.id)[-1]
+    checkpoint = saved_steps(service_env.settings.jobs_dir, job.id)[-1]
     killed = service.get_job(job.id)
     assert killed.status == "running"  # until the reaper sees it
     assert killed.progress.step >= checkpoint >= 2 * CHECKPOINT_EVERY
@@ -180,7 +166,7 @@ def test_sigterm_and_restart_keep_every_job_and_run_the_queued_ones(
     stopped = service.get_job(job.id)
     assert stopped.status == "queued", (stopped, first.log()[-3000:])
     assert stopped.attempts == 0  # a graceful hand-back is not a failed attempt
-    at = saved_steps(redis_pg_env, job.id)[-1]
+    at = saved_steps(redis_pg_env.settings.jobs_dir, job.id)[-1]
     assert at == stopped.progress.step and at > CHECKPOINT_EVERY  # saved where it stopped
     assert status_events(job.id)[-1] == {
         "status": "queued",
