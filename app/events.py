@@ -46,7 +46,8 @@ def format_event(*, event: str, data: Any, event_id: int | None = None) -> bytes
 
 
 def _stored_event(event: EventView) -> bytes:
-    data = {"job_id": event.job_id, "time": event.time.isoformat(), **event.data}
+    time_utc = event.time.isoformat().replace("+00:00", "Z")  # as in the job JSON
+    data = {"job_id": event.job_id, "time": time_utc, **event.data}
     return format_event(event=event.kind, data=data, event_id=event.id)
 
 

@@ -137,3 +137,38 @@ def test_copy_job_over_http_trains_and_predicts(
             "database": "ok",
             "broker": "ok",
         }
+
+
+def test_cancel_over_http_stops_a_running_job_and_keeps_its_checkpoint(
+    sqlite_env: ServiceEnv, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    long_job = {**COPY_JOB, "name": "to-cancel", "train": {**COPY_JOB["train"], "steps": 100_000}}
+    long_job["train"]["checkpoint_every"] = 20
+    worker_process(sqlite_env)
+    with running_api(sqlite_env.settings, tmp_path / "api.log") as api, api.client() as client:
+        job = client.post("/v1/jobs", json=long_job).json()
+        deadline = time.monotonic() + 120
+        while True:
+            seen = client.get(f"/v1/jobs/{job['id']}").json()
+            if seen["status"] == "running" and seen["progress"]["step"] >= 40:
+                break
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.1)
+
+        asked = time.monotonic()
+        cancel = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert cancel.status_code == 200, cancel.text
+        assert cancel.json()["cancel_requested"] is True
+        while (done := client.get(f"/v1/jobs/{job['id']}").json())["status"] == "running":
+            assert time.monotonic() - asked < 10, "not cancelled within 10 s"
+            time.sleep(0.1)
+        assert done["status"] == "cancelled" and done["model_id"] is None
+        assert 40 <= done["progress"]["step"] < 100_000
+        checkpoints = list((sqlite_env.settings.jobs_dir / job["id"]).glob("step-*"))
+        assert checkpoints, "the cancelled job's checkpoint was not kept"
+
+        again = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert again.status_code == 409
+        assert again.json()["detail"] == (
+            f"job '{job['id']}' is already cancelled; only queued or running jobs can be cancelled"
+        )
