@@ -153,7 +153,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train.
+    """How to train. The defaults were chosen by measurement (``docs/results.md``): Adam at
+    3e-3 with a cosine decay and the gradient norm clipped to 1 learns the copy and adding
+    tasks several times faster, and more stably, than RMSprop at 1e-3 without clipping.
 
     Args:
         steps: optimizer steps.
@@ -174,12 +176,12 @@ class TrainConfig:
 
     steps: int = 2000
     batch_size: int = 64
-    optimizer: OptimizerKind = "rmsprop"
-    lr: float = 1e-3
+    optimizer: OptimizerKind = "adam"
+    lr: float = 3e-3
     factor_lr: float | None = None
-    lr_schedule: LrSchedule = "constant"
+    lr_schedule: LrSchedule = "cosine"
     unitary_penalty: float = 1e-3
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = 1.0
     eval_every: int = 100
     checkpoint_every: int = 200
     seed: int = 0
