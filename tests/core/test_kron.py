@@ -189,9 +189,11 @@ def test_default_merge_and_auto_rule():
     assert default_merge([(2, 2)] * 10) == (5, 5)
     assert default_merge([(3, 3), (137, 137)]) == (1, 1)
     assert plan_recurrence(two, batch_size=128) == KronPlan("merged", (4, 5))
-    assert plan_recurrence([(2, 2)] * 7, batch_size=128).strategy == "dense"
+    assert plan_recurrence([(2, 2)] * 6, batch_size=128).strategy == "dense"
+    assert plan_recurrence([(2, 2)] * 7, batch_size=32).strategy == "dense"
+    assert plan_recurrence([(2, 2)] * 7, batch_size=128) == KronPlan("merged", (3, 4))
     assert plan_recurrence([(2, 2)] * 8, batch_size=2).strategy == "dense"
-    assert plan_recurrence([(2, 2)] * 8, batch_size=64).strategy == "merged"
+    assert plan_recurrence([(2, 2)] * 8, batch_size=8).strategy == "merged"
     assert plan_recurrence(two, batch_size=128, device="cuda").strategy == "dense"
     assert plan_recurrence(two, batch_size=1, strategy="factored").groups == (1,) * 9
     assert plan_recurrence(two, batch_size=1, merge=(3, 3, 3)) == KronPlan("merged", (3, 3, 3))
