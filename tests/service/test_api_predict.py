@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import FAST, REPO, WorkerProcess, _wait_until
+from conftest import FAST, REPO, WorkerProcess
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -60,12 +61,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings,
     )
     worker = WorkerProcess(proc, log_path, settings, log)
     try:
+        deadline = time.monotonic() + 180
         for kind, job_id in job_ids.items():
-            job = _wait_until(
-                lambda job_id=job_id: (j := service.get_job(job_id)).finished_at and j,
-                timeout=180,
-                what=f"the {kind} job",
-            )
+            while (job := service.get_job(job_id)).finished_at is None:
+                assert time.monotonic() < deadline, f"the {kind} job did not finish in 180 s"
+                time.sleep(0.1)
             assert job.status == "succeeded", (job.error, worker.log()[-3000:])
     finally:
         worker.close()
