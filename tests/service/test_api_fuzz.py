@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ MAX_EXAMPLES = 40  # per operation and phase; about a minute for the 16 operatio
 # schemathesis.pytest.from_fixture does not run under pytest 9, so the app is built at import;
 # its lifespan (the job store) runs in the fixture below.
 API_KEY = "fuzz-key-0123456789"
-_DATA_DIR = Path(tempfile.mkdtemp(prefix="kru-fuzz-"))
+_DATA_DIR = Path(tempfile.gettempdir()) / f"kru-fuzz-{uuid.uuid4().hex}"  # made by the lifespan
 app = create_app(
     Settings(
         data_dir=_DATA_DIR,
