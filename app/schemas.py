@@ -463,7 +463,18 @@ class GenerateRequest(BaseModel):
 class GenerateResponse(BaseModel):
     """Generated text."""
 
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
+                    "prompt": "In the beginning",
+                    "text": " God created the heaven and the earth.",
+                }
+            ]
+        },
+    )
 
     model_id: str
     prompt: str
