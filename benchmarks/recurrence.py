@@ -2,7 +2,7 @@
 
 For each hidden size N and batch size B, the three layers (same N, same input size) run on the
 same random input in one process, interleaved repetition by repetition so that machine noise
-hits all of them alike; the table gives the median per-step time of
+hits all of them alike; the table gives the per-step time (median, or ``--stat min``) of
 
 * ``fwd``: forward under ``torch.no_grad()``;
 * ``fwd+bwd``: forward, then backward of a sum over all outputs,
@@ -46,9 +46,15 @@ def _timers(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], 
 
 
 def measure(
-    modules: dict[str, torch.nn.Module], x: torch.Tensor, *, reps: int, warmup: int
+    modules: dict[str, torch.nn.Module],
+    x: torch.Tensor,
+    *,
+    reps: int,
+    warmup: int,
+    stat: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, dict[str, float]]:
-    """Median seconds per time step for each module and mode, interleaved across modules."""
+    """Seconds per time step (``stat`` over repetitions) for each module and mode, with the
+    modules interleaved in every repetition."""
     steps = x.shape[1]
     timers = {name: _timers(m, x) for name, m in modules.items()}
     samples: dict[str, dict[str, list[float]]] = {
@@ -62,10 +68,7 @@ def measure(
                 elapsed = time.perf_counter() - start
                 if rep >= warmup:
                     samples[name][mode].append(elapsed / steps)
-    return {
-        name: {mode: statistics.median(v) for mode, v in modes.items()}
-        for name, modes in samples.items()
-    }
+    return {name: {mode: stat(v) for mode, v in modes.items()} for name, modes in samples.items()}
 
 
 def main() -> None:
@@ -84,6 +87,12 @@ def main() -> None:
         help="KRU execution strategies to time (auto, dense, merged, factored; add "
         "'unfused' for the step-by-step autograd loop of the auto plan)",
     )
+    parser.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="statistic over repetitions; 'min' resists a busy machine (noise only slows down)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -91,7 +100,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, T={args.steps}, "
-        f"input_size={args.input_size}, median of {args.reps} after {args.warmup} warm-ups; "
+        f"input_size={args.input_size}, {args.stat} of {args.reps} after {args.warmup} warm-ups; "
         "ms per time step; ratio = KRU / baseline"
     )
     header = (
@@ -115,7 +124,8 @@ def main() -> None:
                 label = f"{plan.strategy} {plan.groups}" + ("" if fused else " unfused")
                 modules[f"kru:{strategy}"] = kru
                 plans[f"kru:{strategy}"] = label
-            res = measure(modules, x, reps=args.reps, warmup=args.warmup)
+            stat = min if args.stat == "min" else statistics.median
+            res = measure(modules, x, reps=args.reps, warmup=args.warmup, stat=stat)
             for name, label in plans.items():
                 k, r, lstm = res[name], res["rnn"], res["lstm"]
                 cells = [
