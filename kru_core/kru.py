@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -108,9 +109,29 @@ class _Chain:
             self.rows.append(rows)
             self.trailing.append(math.prod(qs[k + 1 :]))
             rows *= m.shape[0]
-        # Adjoints without lazy conjugation bits (BLAS gets plain or transposed operands).
-        self.adjoint = [m.mH.contiguous() for m in mats]
-        self.conj = [m.conj().resolve_conj() for m in mats]
+
+    @functools.cached_property
+    def adjoint(self) -> list[Tensor]:
+        """``W_k^H`` without a lazy conjugation bit (BLAS gets plain operands)."""
+        return [m.mH.contiguous() for m in self.mats]
+
+    @functools.cached_property
+    def conj(self) -> list[Tensor]:
+        """``conj(W_k)``, materialised."""
+        return [m.conj().resolve_conj() for m in self.mats]
+
+    def step_buffers(self, steps: int | None, like: Tensor) -> list[Tensor]:
+        """Buffers for ``x_1 .. x_{K-1}`` (``(steps, size)`` each, or one step's if ``None``)."""
+        lead = () if steps is None else (steps,)
+        return [
+            torch.empty(
+                *lead,
+                self.rows[k] * self.mats[k].shape[1] * self.trailing[k],
+                dtype=like.dtype,
+                device=like.device,
+            )
+            for k in range(1, self.k)
+        ]
 
     def sizes(self, k: int) -> tuple[int, int, int, int]:
         p, q = self.mats[k].shape
@@ -188,15 +209,7 @@ class _FusedRecurrence(torch.autograd.Function):
         chain = _Chain(mats, batch)
         out = torch.empty_like(u)
         # x_1 .. x_{K-1} for every step (the inputs of factors 1..K-1), then z (pre-activation).
-        inner = [
-            torch.empty(
-                steps,
-                chain.rows[k + 1] * chain.mats[k + 1].shape[1] * chain.trailing[k + 1],
-                dtype=u.dtype,
-                device=u.device,
-            )
-            for k in range(chain.k - 1)
-        ]
+        inner = chain.step_buffers(steps, u)
         zs = torch.empty_like(u)
         modrelu = activation == "modrelu"
         if modrelu:
@@ -206,14 +219,18 @@ class _FusedRecurrence(torch.autograd.Function):
             eps_minus_b = MODRELU_EPS - (
                 bias if bias is not None else torch.zeros_like(scale[0, 0])
             )
+            per_step = zip(scale.unbind(0), coef.unbind(0), bgrad.unbind(0), strict=True)
+        inner_steps = list(zip(*(buf.unbind(0) for buf in inner), strict=True)) or [()] * steps
         h = h0
-        for t in range(steps):
-            z = chain.forward_step(h, u[t], [buf[t] for buf in inner] + [zs[t]])
+        for t, (u_t, z_t, h_t) in enumerate(
+            zip(u.unbind(0), zs.unbind(0), out.unbind(0), strict=True)
+        ):
+            z = chain.forward_step(h, u_t, [*inner_steps[t], z_t])
             if modrelu:
-                _modrelu_forward(z, bias, eps_minus_b, out[t], scale[t], coef[t], bgrad[t])
+                _modrelu_forward(z, bias, eps_minus_b, h_t, *next(per_step))
             else:
-                out[t] = apply_activation(activation, z, bias)
-            h = out[t]
+                h_t.copy_(apply_activation(activation, z, bias))
+            h = h_t
         ctx.activation = activation
         ctx.chain = chain
         saved = [zs, out, h0, *inner]
@@ -333,6 +350,8 @@ def run_recurrence(
     h0 = h0.contiguous()
     if fused and needs_grad:
         return _FusedRecurrence.apply(activation, u.contiguous(), h0, bias, *mats)
+    if not needs_grad and all(m.dim() == 2 for m in mats):
+        return _inference_loop(u.contiguous(), h0, mats, activation=activation, bias=bias)
     h = h0
     outs = []
     # unbind, not u[t]: one backward node for all steps instead of T full-size zero tensors.
@@ -340,6 +359,37 @@ def run_recurrence(
         h = apply_activation(activation, apply_kron_factors(h, mats, add=u_t), bias)
         outs.append(h)
     return torch.stack(outs)
+
+
+def _inference_loop(
+    u: Tensor, h0: Tensor, mats: Sequence[Tensor], *, activation: str, bias: Tensor | None
+) -> Tensor:
+    """The loop without autograd: every step writes into preallocated buffers (fewer ops and
+    allocations per step, which is what a batch of one is bound by)."""
+    _, batch, n = u.shape
+    chain = _Chain(mats, batch)
+    out = torch.empty_like(u)
+    dests = [*chain.step_buffers(None, u), torch.empty_like(u[0])]
+    z = dests[-1]
+    real_dtype = h0.real.dtype if h0.is_complex() else h0.dtype
+    r = torch.empty(batch, n, dtype=real_dtype, device=u.device)
+    m = torch.empty_like(r)
+    h = h0
+    for u_t, h_t in zip(u.unbind(0), out.unbind(0), strict=True):
+        chain.forward_step(h, u_t, dests)
+        if activation == "modrelu":
+            # relu(|z| + b) z / (|z| + eps), in place.
+            complex_abs(z, out=r)
+            if bias is not None:
+                torch.add(r, bias, out=m)
+            else:
+                m.copy_(r)
+            m.relu_().div_(r.add_(MODRELU_EPS))
+            torch.mul(z, m, out=h_t)
+        else:
+            h_t.copy_(apply_activation(activation, z, bias))
+        h = h_t
+    return out
 
 
 class _KRUBase(nn.Module):

@@ -162,6 +162,8 @@ def test_every_strategy_matches_oracle_forward_and_backward(
     loss_of(out_o, h_n_o).backward()
 
     torch.testing.assert_close(out, out_o.detach(), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the autograd-free loop (inference)
+        torch.testing.assert_close(kru(x, h0)[0], out_o.detach(), rtol=1e-10, atol=1e-10)
     for name, p in kru.named_parameters():
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-9, atol=1e-9, msg=name)
     torch.testing.assert_close(h0_a.grad, h0_b.grad, rtol=1e-9, atol=1e-9)
