@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kru_core.config import JobConfig  # noqa: E402
+from kru_core.errors import TrainingError  # noqa: E402
 from kru_core.tasks import build_task  # noqa: E402
 from kru_core.training import Progress, build_model, evaluate, train  # noqa: E402
 
@@ -61,7 +63,7 @@ class Scale:
 
 SCALES = {
     "smoke": Scale((10,), 60, (20,), 60, ("pixel",), 4, 16, 64, 128, 32, 32, 20),
-    "cpu": Scale((100,), 600, (100,), 1500, ("pixel", "permuted"), 50, 32, 128, 500, 128, 64, 100),
+    "cpu": Scale((100,), 600, (100,), 1500, ("pixel", "permuted"), 100, 32, 128, 500, 128, 64, 100),
     "paper": Scale(
         (1000, 2000),
         5000,
@@ -116,6 +118,7 @@ class Row:
     test: float | None
     seconds: float
     history: list[tuple[int, float]] = field(default_factory=list)
+    note: str = ""  # e.g. "the loss became nan at step 5"
 
 
 def job(
@@ -158,7 +161,14 @@ def run_one(
     baseline: float | None,
     test_size: int = 0,
 ) -> Row:
-    out = args.runs_dir / f"{name}-{setting}-{cfg.model.cell}".replace("=", "")
+    """Train one configuration (or reuse a finished run of ``--runs-dir``) and summarise it."""
+    out = args.runs_dir / f"{name}-{setting}-{cfg.model.cell}".replace("=", "").replace(" ", "")
+    record = out / "reproduce.json"  # history and time of a finished run, for reuse
+    if not args.fresh and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["config"] == cfg.to_dict():
+            print(f"  {name} {setting} {cfg.model.cell}: reused {out}", file=sys.stderr)
+            return Row(**{**saved["row"], "history": [tuple(h) for h in saved["row"]["history"]]})
     history: list[tuple[int, float]] = []
     started = time.monotonic()
 
@@ -172,22 +182,32 @@ def run_one(
                 flush=True,
             )
 
-    result = train(cfg, out_dir=out, on_progress=on_progress, resume=not args.fresh)
+    note = ""
+    try:
+        result = train(cfg, out_dir=out, on_progress=on_progress, resume=not args.fresh)
+        steps, counts = result.step, result.parameter_counts
+        final_metrics = result.metrics
+    except TrainingError as exc:  # recorded in the table, not hidden
+        note = str(exc).split(":")[0]
+        print(f"  {name} {setting} {cfg.model.cell}: {exc}", file=sys.stderr, flush=True)
+        task = build_task(cfg.task, seed=cfg.train.seed)
+        counts = build_model(cfg.model, task.info).parameter_counts()
+        steps, final_metrics = int(str(exc).split(" at step ")[1].split(":")[0]) - 1, {}
     seconds = time.monotonic() - started
-    values = [v for _, v in history] or [result.metrics[f"eval_{metric}"]]
+    values = [v for _, v in history] or [final_metrics.get(f"eval_{metric}", math.nan)]
     higher = metric == "accuracy"
     solved_at = next((s for s, v in history if solved(v)), None)
     test = None
-    if test_size:
+    if test_size and not note:
         test = _test_accuracy(cfg, out, test_size, args)
-    return Row(
+    row = Row(
         experiment=name,
         setting=setting,
         cell=cfg.model.cell,
         hidden_size=cfg.model.hidden_size,
-        params_total=result.parameter_counts["total"],
-        params_recurrent=result.parameter_counts["recurrent"],
-        steps=result.step,
+        params_total=counts["total"],
+        params_recurrent=counts["recurrent"],
+        steps=steps,
         metric=metric,
         final=values[-1],
         best=max(values) if higher else min(values),
@@ -196,7 +216,11 @@ def run_one(
         test=test,
         seconds=seconds,
         history=history,
+        note=note,
     )
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"config": cfg.to_dict(), "row": dataclasses.asdict(row)}))
+    return row
 
 
 def _test_accuracy(cfg: JobConfig, out: Path, size: int, args: argparse.Namespace) -> float:
@@ -283,7 +307,7 @@ def run_all(scale: Scale, args: argparse.Namespace) -> list[Row]:
 
 
 def fmt(v: float | None, metric: str = "") -> str:
-    if v is None:
+    if v is None or math.isnan(v):
         return "—"
     if metric == "accuracy":
         return f"{100 * v:.1f}%"
@@ -298,7 +322,9 @@ def table(rows: list[Row]) -> str:
     ]
     for r in rows:
         solved = (
-            "—"
+            f"**{r.note}**"
+            if r.note
+            else "—"
             if r.experiment.startswith("mnist")
             else (f"step {r.solved_at}" if r.solved_at is not None else "not solved")
         )
@@ -354,7 +380,8 @@ def report(
             f"* scale `{scale_name}`: `{scale_text}`",
             f"* cells {', '.join(args.cells)}; seed {args.seed}",
             f"* hardware: {hardware(args.device)}",
-            f"* wall time: {seconds / 60:.1f} min in all",
+            f"* wall time: {sum(r.seconds for r in rows) / 60:.1f} min of training and evaluation "
+            f"(this invocation: {seconds / 60:.1f} min; finished runs are reused from --runs-dir)",
             "",
             table(rows),
             "",
