@@ -316,18 +316,15 @@ class _Run:
         )
         value = loss.item()
         if not math.isfinite(value):
-            raise TrainingError(
-                f"the loss became {value} at step {self.step + 1}: training diverged; lower "
-                f"train.lr (now {self.tc.lr:g}) or set train.clip_grad_norm "
-                f"(now {self.tc.clip_grad_norm}); checkpoints up to step "
-                f"{self._last_saved_step()} are kept"
-            )
+            raise self._diverged(f"the loss became {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics = {"loss": task_loss.item(), "penalty": float(penalty.item())}
         if self.tc.clip_grad_norm is not None:
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.clip_grad_norm)
-            metrics["grad_norm"] = float(norm)
+            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.clip_grad_norm))
+            if not math.isfinite(norm):  # caught before the update spoils the parameters
+                raise self._diverged(f"the gradient norm became {norm}")
+            metrics["grad_norm"] = norm
         rates = learning_rates(self.tc, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = rates[group["name"]]
@@ -335,6 +332,18 @@ class _Run:
         self.optimizer.step()
         self.step += 1
         return metrics
+
+    def _diverged(self, what: str) -> TrainingError:
+        clip = self.tc.clip_grad_norm
+        advice = f"lower train.lr (now {self.tc.lr:g})" + (
+            f" or train.clip_grad_norm (now {clip:g})"
+            if clip is not None
+            else " or set train.clip_grad_norm"
+        )
+        return TrainingError(
+            f"{what} at step {self.step + 1}: training diverged; {advice}; checkpoints up to "
+            f"step {self._last_saved_step()} are kept"
+        )
 
     def _last_saved_step(self) -> int:
         latest = self.store.latest()

@@ -64,7 +64,7 @@ def test_copy_delay_20(tmp_path: Path) -> None:
     stop = StopWhen(lambda m: m["eval_accuracy"] >= 0.995)
     seconds, result = learn(tmp_path, cfg, stop)
     test = fresh_test(tmp_path, cfg, 1000)
-    print(f"copy T=20: step {result.step}, {seconds:.0f} s, history {stop.history}")
+    print(f"copy T=20: step {result.step}, {seconds:.0f} s, fresh test {test}")
     assert test["accuracy"] > 0.95, (test, stop.history)
     assert test["loss"] < 0.1 * test["memoryless_loss"]
 
@@ -80,5 +80,5 @@ def test_adding_length_50(tmp_path: Path) -> None:
     stop = StopWhen(lambda m: m["eval_mse"] < 0.005)
     seconds, result = learn(tmp_path, cfg, stop)
     test = fresh_test(tmp_path, cfg, 2000)
-    print(f"adding T=50: step {result.step}, {seconds:.0f} s, history {stop.history}")
+    print(f"adding T=50: step {result.step}, {seconds:.0f} s, fresh test {test}")
     assert test["mse"] < 0.01, (test, stop.history)

@@ -80,7 +80,7 @@ def test_auto_activation_is_the_measured_choice() -> None:
 
 
 def test_learning_rate_schedules() -> None:
-    const = tiny(steps=100, lr=0.01, factor_lr=0.1)
+    const = tiny(steps=100, lr=0.01, factor_lr=0.1, lr_schedule="constant")
     assert learning_rates(const.train, 0) == learning_rates(const.train, 99)
     assert learning_rates(const.train, 50) == {"main": 0.01, "factors": 0.1}
     cos = tiny(steps=100, lr=0.01, lr_schedule="cosine")
@@ -167,9 +167,38 @@ def test_nan_loss_raises_and_keeps_earlier_checkpoints(
         return value * float("nan") if calls["n"] == 5 else value
 
     monkeypatch.setattr(CopyTask, "loss", loss)
-    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*train\.lr"):
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*train\.lr \(now 0\.003\)"):
         train(tiny(steps=10, checkpoint_every=2), out_dir=tmp_path)
     assert CheckpointStore(tmp_path).latest() == tmp_path / "step-000000004"
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("inf")
+
+
+def test_infinite_gradient_raises_before_the_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = CopyTask.loss
+    calls = {"n": 0}
+
+    def loss(self: CopyTask, outputs: torch.Tensor, batch: object) -> torch.Tensor:
+        calls["n"] += 1
+        value = original(self, outputs, batch)
+        return _InfiniteGradient.apply(value) if calls["n"] == 3 else value
+
+    monkeypatch.setattr(CopyTask, "loss", loss)
+    with pytest.raises(TrainingError, match=r"gradient norm became (inf|nan) at step 3"):
+        train(tiny(steps=10, checkpoint_every=2), out_dir=tmp_path)
+    saved = CheckpointStore(tmp_path).load()
+    assert saved.step == 2
+    assert all(torch.isfinite(v).all() for v in saved.model_state.values())
 
 
 def test_resume_refuses_another_run(tmp_path: Path) -> None:
