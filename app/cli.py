@@ -206,7 +206,7 @@ class _ProgressBar:
             self.loss = progress.metrics.get("loss")
             now = time.monotonic()
             if self.first is None:
-                self.first = (progress.step - 1, now)
+                self.first = (progress.step, now)  # the rate is measured from here
             done = progress.step >= self.total
             if now - self.last_draw < (0.2 if self.tty else 10.0) and not done:
                 return
