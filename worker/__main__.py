@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Before torch is imported (see app.cli.use_passive_openmp): a worker shares its cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from worker.runner import run_worker
 
