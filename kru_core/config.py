@@ -180,7 +180,7 @@ class TrainConfig:
     lr: float = 3e-3
     factor_lr: float | None = None
     lr_schedule: LrSchedule = "cosine"
-    unitary_penalty: float = 1e-3
+    unitary_penalty: float = 1e-2
     clip_grad_norm: float | None = 1.0
     eval_every: int = 100
     checkpoint_every: int = 200
