@@ -137,7 +137,11 @@ def job(
         {
             "name": f"reproduce-{kind}-{cell}",
             "task": {"kind": kind, "eval_size": eval_size, **setting},
-            "model": {"cell": cell, "hidden_size": hidden},
+            "model": {
+                "cell": cell,
+                "hidden_size": hidden,
+                **({"activation": args.kru_activation} if args.kru_activation else {}),
+            },
             "train": {
                 "steps": steps,
                 "batch_size": batch_size or scale.batch_size,
@@ -423,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["kru", "rnn", "lstm"],
         choices=["kru", "kru_lstm", "rnn", "lstm"],
+    )
+    parser.add_argument(
+        "--kru-activation",
+        choices=["auto", "modrelu", "split_relu"],
+        help="model.activation of every run (default: the config default, auto)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
