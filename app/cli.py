@@ -432,16 +432,14 @@ def _read_json(path: Path, what: str) -> Any:
         raise _UsageError(f"{path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
 
 
-SERVICE_COMMANDS = ("serve", "api", "worker")
-
-
 def use_passive_openmp() -> None:
     """Make OpenMP threads sleep, not spin, while they wait (unless the user chose otherwise).
 
-    The API and the workers are torch processes that share a machine's cores. With OpenMP's
-    default spin-waiting, three such processes on 2 cores trained 10-12x slower than with
-    ``OMP_WAIT_POLICY=PASSIVE`` (docs/deploy.md, "CPU threads"). It must be set before torch
-    is imported; child processes inherit it.
+    The API, the workers and ``kru train`` runs are torch processes that share a machine's
+    cores. With OpenMP's default spin-waiting, three such processes on 2 cores trained 10-12x
+    slower than with ``OMP_WAIT_POLICY=PASSIVE``, for a 25% cost on a process alone
+    (docs/deploy.md, "CPU threads"). It must be set before torch is imported; child processes
+    inherit it.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -449,8 +447,7 @@ def use_passive_openmp() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kru`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if args.command in SERVICE_COMMANDS:
-        use_passive_openmp()
+    use_passive_openmp()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
