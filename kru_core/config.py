@@ -139,15 +139,29 @@ class ModelConfig:
             )
         _check_range("model.hidden_size", self.hidden_size, ge=1, le=8192)
         if self.factors is not None:
-            if len(self.factors) == 0:
-                raise ConfigError("model.factors", "expected a non-empty list or null, got []")
-            for i, f in enumerate(self.factors):
-                sizes = f if isinstance(f, tuple) else (f,)
-                if any(s < 1 for s in sizes):
-                    raise ConfigError(f"model.factors.{i}", f"expected positive sizes, got {f}")
+            self._check_factors()
         if self.cell == "kru" and self.complex and self.activation == "tanh":
             raise ConfigError(
                 "model.activation", "tanh needs real states: set model.complex to false"
+            )
+
+    def _check_factors(self) -> None:
+        factors = self.factors or ()
+        if self.cell in ("rnn", "lstm"):
+            raise ConfigError("model.factors", f"expected null for cell {self.cell!r} (dense)")
+        if len(factors) == 0:
+            raise ConfigError("model.factors", "expected a non-empty list or null, got []")
+        rows = cols = 1
+        for i, f in enumerate(factors):
+            p, q = f if isinstance(f, tuple) else (f, f)
+            if p < 1 or q < 1:
+                raise ConfigError(f"model.factors.{i}", f"expected positive sizes, got {f}")
+            rows, cols = rows * p, cols * q
+        if rows != self.hidden_size or cols != self.hidden_size:
+            raise ConfigError(
+                "model.factors",
+                f"expected factor sizes whose products equal hidden_size {self.hidden_size}, "
+                f"got {rows} x {cols}",
             )
 
 

@@ -39,7 +39,7 @@ def test_defaults_give_kru_core_defaults() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        {"model": {"factors": [[2, 4], 4]}, "train": {"lr": 1, "factor_lr": 0.5}},
+        {"model": {"hidden_size": 32, "factors": [[2, 4], [4, 2], 4]}, "train": {"factor_lr": 0.5}},
         {"model": {"cell": "lstm", "hidden_size": 64}, "train": {"lr_schedule": "cosine"}},
         {"task": {"kind": "text", "dataset_id": "abc", "seq_len": 50}, "name": "t"},
         {"train": {"steps": 10.0, "seed": 3.0}},  # JSON integers written as 10.0
