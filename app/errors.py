@@ -20,8 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kru_core.config import ConfigError
-from kru_core.errors import DatasetError, InputError, KruError
+from kru_core.errors import DatasetError, FieldError, KruError
 from worker.errors import Conflict, Invalid, NotFound, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -149,11 +148,7 @@ def _invalid_field(request: Request, field: str, message: str) -> JSONResponse:
     )
 
 
-async def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
-    return _invalid_field(request, exc.field, exc.message)
-
-
-async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+async def _field_error(request: Request, exc: FieldError) -> JSONResponse:
     return _invalid_field(request, exc.field, exc.message)
 
 
@@ -202,8 +197,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register every domain-error-to-HTTP mapping on ``app``."""
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(ConfigError, _config_error)
-    app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(FieldError, _field_error)  # ConfigError and InputError
     app.add_exception_handler(DatasetError, _dataset_error)
     app.add_exception_handler(KruError, _kru_error)
     app.add_exception_handler(NotFound, _not_found)

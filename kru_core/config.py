@@ -4,7 +4,7 @@ These frozen dataclasses are the single description of a training run. The CLI r
 JSON file, the service from the ``POST /v1/jobs`` body, and checkpoints carry them so that a model
 rebuilds itself. :func:`JobConfig.from_dict` validates strictly: unknown fields, wrong types and
 out-of-range values raise :class:`ConfigError`, whose ``field`` is the dotted path of the culprit
-(``"train.lr"``).
+(``"train.lr"``); it is re-exported here from :mod:`kru_core.errors`.
 
 Example::
 
@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kru_core.errors import ConfigError
+
 TaskKind = Literal["copy", "adding", "mnist", "dataset", "text"]
 CellKind = Literal["kru", "kru_lstm", "rnn", "lstm"]
 Activation = Literal["auto", "modrelu", "split_relu", "tanh", "identity"]
@@ -35,20 +37,6 @@ CELL_KINDS: tuple[str, ...] = typing.get_args(CellKind)
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerKind)
 LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrSchedule)
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range.
-
-    Attributes:
-        field: dotted path of the offending field, e.g. ``"train.lr"``.
-        message: what was expected and what was given.
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def _check_range(

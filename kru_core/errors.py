@@ -2,7 +2,8 @@
 
 Every error a user can cause derives from :class:`KruError`, so that callers (the CLI, the
 worker, the HTTP app) can map them to messages and status codes in one place.
-:class:`kru_core.config.ConfigError` (a ``ValueError``) covers invalid job configurations.
+:class:`FieldError` is the base of the errors that name one offending field:
+:class:`ConfigError` (invalid job configuration; also a ``ValueError``) and :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ class DatasetError(KruError):
         super().__init__(f"{count} error{'s' if count > 1 else ''} in dataset: " + "; ".join(lines))
 
 
-class InputError(KruError):
-    """A prediction or generation input does not fit the model.
+class FieldError(KruError):
+    """One named field is wrong; ``str(error)`` is ``"<field>: <message>"``.
 
     Attributes:
-        field: dotted path of the offending value, e.g. ``"inputs.3.17"``.
+        field: dotted path of the offending value, e.g. ``"train.lr"`` or ``"inputs.3.17"``.
         message: what was expected and what was given.
     """
 
@@ -47,6 +48,14 @@ class InputError(KruError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class ConfigError(FieldError, ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+class InputError(FieldError):
+    """A prediction or generation input does not fit the model (``field``: ``"inputs.3.17"``)."""
 
 
 class TrainingError(KruError):
