@@ -575,7 +575,21 @@ class _KRUBase(nn.Module):
         return hx.to(self.state_dtype)
 
     def _modrelu_bias(self) -> Tensor | None:
-        return self.bias if self.activation == "modrelu" else None
+        # modReLU's bias acts as min(b, 0): with b <= 0 modReLU is 1-Lipschitz (|dh/dz| <= 1),
+        # so with a unitary W the backward pass cannot grow. A positive b makes modReLU
+        # discontinuous at z = 0 with a gain of b / eps there (``docs/results.md`` section 2):
+        # pixel MNIST overflowed within 4 steps that way. :meth:`constrain_` keeps the stored
+        # value in range, so the clamp is the identity for models trained here.
+        if self.activation != "modrelu" or self.bias is None:
+            return None
+        return self.bias.clamp(max=0.0)
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Project the parameters back into their domain after an optimizer step: modReLU's
+        bias to ``b <= 0`` (projected gradient descent; a no-op for the other activations)."""
+        if self.activation == "modrelu" and self.bias is not None:
+            self.bias.clamp_(max=0.0)
 
 
 class KRU(_KRUBase):

@@ -157,6 +157,13 @@ class SequenceModel(nn.Module):
             return list(self.rnn.recurrent_factors)
         return []
 
+    def constrain_(self) -> None:
+        """Project parameters back into their domain after an optimizer step (KRU's modReLU
+        bias to ``b <= 0``); the training engine calls it after every update."""
+        constrain = getattr(self.rnn, "constrain_", None)
+        if constrain is not None:
+            constrain()
+
     def unitary_penalty(self) -> Tensor:
         """``sum_f ||W_f^H W_f - I||_F^2`` for ``kru``; a 0-dim zero for the other cells (the
         paper does not constrain KRU-LSTM)."""

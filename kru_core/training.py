@@ -3,7 +3,8 @@
 * Optimiser: RMSprop or Adam. Every parameter is in exactly one group (checked); the Kronecker
   factors have their own group with ``train.factor_lr``.
 * Loss: the task loss plus ``train.unitary_penalty * sum_f ||W_f^H W_f - I||_F^2`` (paper eq. 7);
-  optional clipping of the global gradient norm.
+  optional clipping of the global gradient norm. After each update the model projects its
+  parameters back into their domain (:meth:`SequenceModel.constrain_`: modReLU bias ``<= 0``).
 * Evaluation every ``train.eval_every`` steps (and at the end) on the task's fixed held-out set.
 * Checkpoints every ``train.checkpoint_every`` steps and at the end, in a
   :class:`~kru_core.checkpoint.CheckpointStore`; a run resumes from its latest checkpoint with the
@@ -330,6 +331,7 @@ class _Run:
             group["lr"] = rates[group["name"]]
         metrics["lr"] = rates["main"]
         self.optimizer.step()
+        self.model.constrain_()
         self.step += 1
         return metrics
 

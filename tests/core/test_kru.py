@@ -54,7 +54,8 @@ def oracle_forward(kru, x, h0, params=None):
         z = h @ w.T + u[:, t]
         if kru.activation == "modrelu":
             r = z.abs()
-            h = z * torch.relu(r + (bias if bias is not None else 0)) / (r + 1e-5)
+            b = bias.clamp(max=0.0) if bias is not None else 0  # the bias acts as min(b, 0)
+            h = z * torch.relu(r + b) / (r + 1e-5)
         else:
             h = {
                 "identity": lambda z: z,
@@ -76,7 +77,7 @@ def make(factors="mixed", seed=0, **kw):
     kru = KRU(3, n, factors=FACTORS[factors], **kw)
     if kru.bias is not None:
         with torch.no_grad():
-            kru.bias.uniform_(-0.3, 0.3)  # make modReLU's bias matter
+            kru.bias.uniform_(-0.3, 0.3)  # make modReLU's bias matter (b > 0 acts as 0)
     return kru
 
 
@@ -288,6 +289,65 @@ def test_every_parameter_gets_a_gradient(fused, activation):
     for name, p in kru.named_parameters():
         assert p.grad is not None, name
         assert p.grad.abs().sum() > 0, name
+
+
+# --------------------------------------------------------------------------- modReLU bias
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_positive_modrelu_bias_acts_as_zero_through_long_zero_input(fused):
+    """Pixel MNIST's blow-up: black pixels keep z = 0 for a hundred steps, where a positive
+    modReLU bias had a gain of b / eps = 1e4 per step; the gradient overflowed at step 4."""
+    x = torch.zeros(2, 300, 1, dtype=torch.float64)
+    x[:, 150:] = torch.rand(2, 150, 1, dtype=torch.float64)
+    grads, outs = [], []
+    for b in (0.1, 0.0):
+        torch.manual_seed(0)
+        kru = KRU(1, 16, dtype=torch.complex128)
+        kru.fused = fused
+        with torch.no_grad():
+            kru.bias.fill_(b)
+        xs = x.clone().requires_grad_()
+        out, _ = kru(xs)
+        out[:, -1].abs().sum().backward()
+        outs.append(out.detach())
+        grads.append(xs.grad)
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().max() < 10
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("fused", [True, False])
+def test_backward_through_unitary_kru_cannot_grow(seed, fused):
+    """With a unitary W and b <= 0 every step is 1-Lipschitz, so for L = Re<c, h_T> the
+    gradient reaching h_0 is no larger than |c|, whatever the inputs and biases."""
+    g = torch.Generator().manual_seed(seed)
+    kru = KRU(1, 32, dtype=torch.complex128)
+    kru.fused = fused
+    with torch.no_grad():
+        kru.bias.copy_(-0.5 * torch.rand(32, generator=g, dtype=torch.float64))
+        kru.weight_ih.mul_(3)
+    x = torch.randn(3, 120, 1, generator=g, dtype=torch.float64)
+    h0 = torch.randn(3, 32, generator=g, dtype=torch.complex128).requires_grad_()
+    c = torch.randn(3, 32, generator=g, dtype=torch.complex128)
+    out, _ = kru(x, h0)
+    (out[:, -1] * c.conj()).real.sum().backward()
+    assert (h0.grad.abs().norm(dim=1) <= c.abs().norm(dim=1) * (1 + 1e-9)).all()
+    assert h0.grad.abs().sum() > 0
+
+
+def test_constrain_projects_the_modrelu_bias_only():
+    kru = KRU(1, 8)
+    with torch.no_grad():
+        kru.bias.copy_(torch.linspace(-1, 1, 8))
+    kru.constrain_()
+    assert (kru.bias <= 0).all() and kru.bias[0] == -1
+    additive = KRU(1, 8, activation="split_relu")
+    with torch.no_grad():
+        additive.bias.fill_(1 + 1j)
+    additive.constrain_()
+    assert (additive.bias == 1 + 1j).all()
 
 
 def test_defaults_dtypes_and_shapes():

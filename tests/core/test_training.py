@@ -12,6 +12,7 @@ import torch
 from kru_core.checkpoint import CheckpointStore
 from kru_core.config import JobConfig
 from kru_core.errors import TrainingError
+from kru_core.models import SequenceModel
 from kru_core.tasks import CopyTask, TaskInfo
 from kru_core.training import (
     Progress,
@@ -199,6 +200,23 @@ def test_infinite_gradient_raises_before_the_update(
     saved = CheckpointStore(tmp_path).load()
     assert saved.step == 2
     assert all(torch.isfinite(v).all() for v in saved.model_state.values())
+
+
+def test_every_update_is_projected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each optimizer step is followed by the model's projection (modReLU bias to b <= 0)."""
+    calls: list[float] = []
+    original = SequenceModel.constrain_
+
+    def constrain(self: SequenceModel) -> None:
+        with torch.no_grad():
+            self.rnn.bias.add_(1.0)  # as if the update had pushed every bias above 0
+        original(self)
+        calls.append(float(self.rnn.bias.max()))
+
+    monkeypatch.setattr(SequenceModel, "constrain_", constrain)
+    train(tiny(steps=6), out_dir=tmp_path)
+    assert len(calls) == 6 and max(calls) == 0.0
+    assert (parameters(tmp_path)["rnn.bias"] <= 0).all()
 
 
 def test_resume_refuses_another_run(tmp_path: Path) -> None:
