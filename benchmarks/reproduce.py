@@ -9,7 +9,7 @@ and the wall time.
 Examples::
 
     python benchmarks/reproduce.py --scale smoke            # a minute: checks the harness
-    python benchmarks/reproduce.py --scale cpu               # about half an hour on 2 CPU cores
+    python benchmarks/reproduce.py --scale cpu               # about 75 min on 2 CPU cores
     python benchmarks/reproduce.py --scale paper --device cuda
     python benchmarks/reproduce.py --scale cpu --copy-delays 200 --adding-lengths 200 --no-mnist
 """
@@ -67,7 +67,9 @@ class Scale:
 
 SCALES = {
     "smoke": Scale((10,), 60, (20,), 60, ("pixel",), 4, 16, 64, 128, 32, 32, 20),
-    "cpu": Scale((100,), 600, (100,), 3000, ("pixel", "permuted"), 100, 32, 128, 500, 128, 64, 100),
+    "cpu": Scale(
+        (100, 500), 600, (100, 200), 3000, ("pixel", "permuted"), 500, 32, 256, 1000, 128, 64, 100
+    ),
     "paper": Scale(
         (1000, 2000),
         5000,

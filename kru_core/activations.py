@@ -33,7 +33,8 @@ __all__ = [
 ACTIVATIONS = ("modrelu", "split_relu", "tanh", "identity")
 
 #: ``eps`` in modReLU's ``z / (|z| + eps)``: EURNN's value. Near ``z = 0`` with ``b > 0`` the
-#: derivative is about ``b / eps`` (``docs/speed.md`` pitfall 5), so biases start at ``b <= 0``.
+#: derivative is about ``b / eps`` (``docs/speed.md`` pitfall 5), so :class:`kru_core.KRU` keeps
+#: its bias at ``b <= 0``.
 MODRELU_EPS = 1e-5
 
 

@@ -601,8 +601,11 @@ class KRU(_KRUBase):
 
     where ``W_f`` are the (complex by default) Kronecker factors, ``U`` is ``weight_ih`` and
     ``sigma`` is ``activation``. For modReLU, ``bias`` is modReLU's real bias per unit (the uRNN
-    layout: ``sigma(z) = relu(|z| + b) z / |z|`` with no additive bias); for the other
-    activations it is an additive bias ``b`` in the state dtype.
+    layout: ``sigma(z) = relu(|z| + b) z / |z|`` with no additive bias). It acts as
+    ``min(b, 0)``, and :meth:`constrain_` (called by the training engine after every update)
+    keeps it there: with ``b <= 0`` modReLU is 1-Lipschitz, so with a unitary ``W`` the gradient
+    cannot grow through time. For the other activations ``bias`` is an additive bias ``b`` in
+    the state dtype.
 
     Args:
         input_size: features per step (or the vocabulary size when ``x`` holds token ids).
