@@ -343,6 +343,10 @@ def test_constrain_projects_the_modrelu_bias_only():
         kru.bias.copy_(torch.linspace(-1, 1, 8))
     kru.constrain_()
     assert (kru.bias <= 0).all() and kru.bias[0] == -1
+    # A bias projected onto 0 still learns: the clamp passes the gradient at b = 0.
+    out, _ = kru(torch.randn(2, 5, 1))
+    out.abs().sum().backward()
+    assert (kru.bias.grad[kru.bias == 0] != 0).all()
     additive = KRU(1, 8, activation="split_relu")
     with torch.no_grad():
         additive.bias.fill_(1 + 1j)
