@@ -118,7 +118,10 @@ class TrainSpec(BaseModel):
     optimizer: OptimizerKind = Field(_default(TrainConfig, "optimizer"))
     lr: float = Field(_default(TrainConfig, "lr"), gt=0, le=10)
     factor_lr: float | None = Field(
-        _default(TrainConfig, "factor_lr"), gt=0, le=10, description="null: same as lr"
+        _default(TrainConfig, "factor_lr"),
+        gt=0,
+        le=10,
+        description="null: lr * min(1, 100 / T) for sequences of T steps",
     )
     lr_schedule: LrSchedule = Field(
         _default(TrainConfig, "lr_schedule"),

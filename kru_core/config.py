@@ -164,7 +164,8 @@ class TrainConfig:
         batch_size: sequences per step.
         optimizer: ``rmsprop`` or ``adam``.
         lr: learning rate of every parameter but the Kronecker factors.
-        factor_lr: learning rate of the Kronecker factors (``None``: same as ``lr``).
+        factor_lr: learning rate of the Kronecker factors (``None``: ``lr * min(1, 100 / T)``
+            for sequences of ``T`` steps, :func:`kru_core.training.factor_learning_rate`).
         lr_schedule: ``constant``, or ``cosine``: both learning rates decay as
             ``(1 + cos(pi * step / steps)) / 2`` towards 0 at the last step.
         unitary_penalty: weight of ``sum_f ||W_f^H W_f - I||_F^2`` in the loss.

@@ -1,7 +1,8 @@
 """The training engine: :func:`train` builds data and model from a job config and trains them.
 
 * Optimiser: RMSprop or Adam. Every parameter is in exactly one group (checked); the Kronecker
-  factors have their own group with ``train.factor_lr``.
+  factors have their own group with ``train.factor_lr`` (default ``lr * min(1, 100 / T)`` for
+  sequences of ``T`` steps: :func:`factor_learning_rate`).
 * Loss: the task loss plus ``train.unitary_penalty * sum_f ||W_f^H W_f - I||_F^2`` (paper eq. 7);
   optional clipping of the global gradient norm. After each update the model projects its
   parameters back into their domain (:meth:`SequenceModel.constrain_`: modReLU bias ``<= 0``).
@@ -56,7 +57,8 @@ class Progress:
         step: optimizer steps done.
         total_steps: ``train.steps``.
         metrics: ``kind="train"``: ``loss`` (the task loss), ``penalty`` (the unitary penalty,
-            unweighted), ``lr`` (the scheduled learning rate), ``grad_norm`` (when clipping);
+            unweighted), ``lr`` (the scheduled learning rate), ``factor_lr`` (the factors' rate,
+            for KRU cells), ``grad_norm`` (when clipping);
             ``kind="eval"``: ``eval_loss`` and the task metrics (``eval_accuracy``,
             ``eval_mse``, ``eval_bpc``, ...); ``kind="checkpoint"``: the metrics saved with it.
         kind: ``train``, ``eval`` or ``checkpoint``.
@@ -128,19 +130,45 @@ def build_model(
     )
 
 
-def learning_rates(train_config: TrainConfig, step: int) -> dict[str, float]:
+#: Sequences up to this many steps train the Kronecker factors at ``train.lr``; longer ones at
+#: ``lr * FACTOR_LR_REFERENCE_LENGTH / T`` (``docs/results.md``, "Factor learning rate").
+FACTOR_LR_REFERENCE_LENGTH = 100
+
+
+def factor_learning_rate(train_config: TrainConfig, sequence_length: int | None = None) -> float:
+    """The Kronecker factors' base learning rate: ``train.factor_lr`` if set, else
+    ``lr * min(1, 100 / T)`` for sequences of ``T`` steps (``lr`` when ``T`` is unknown).
+
+    Adam moves every factor entry by about its rate at each update, and the state after ``T``
+    steps depends on ``W^T``, whose phases then turn by up to ``T`` times that: on pixel MNIST
+    (``T = 784``) at ``3e-3`` the features the readout sees are scrambled at every update and
+    the model stays at chance, while ``4e-4`` learns (``docs/results.md``).
+    """
+    if train_config.factor_lr is not None:
+        return train_config.factor_lr
+    if not sequence_length:
+        return train_config.lr
+    return train_config.lr * min(1.0, FACTOR_LR_REFERENCE_LENGTH / sequence_length)
+
+
+def learning_rates(
+    train_config: TrainConfig, step: int, sequence_length: int | None = None
+) -> dict[str, float]:
     """The learning rate of each optimizer group (``main``, ``factors``) for the update that
-    follows ``step`` completed steps, under ``train.lr_schedule``."""
+    follows ``step`` completed steps, under ``train.lr_schedule``; ``sequence_length`` sets the
+    factors' default rate (:func:`factor_learning_rate`)."""
     tc = train_config
     scale = 1.0
     if tc.lr_schedule == "cosine":
         scale = 0.5 * (1.0 + math.cos(math.pi * min(step, tc.steps) / tc.steps))
-    factor_lr = tc.factor_lr if tc.factor_lr is not None else tc.lr
+    factor_lr = factor_learning_rate(tc, sequence_length)
     return {"main": tc.lr * scale, "factors": factor_lr * scale}
 
 
-def build_optimizer(model: SequenceModel, train_config: TrainConfig) -> torch.optim.Optimizer:
-    """RMSprop or Adam; the Kronecker factors in their own group (``factor_lr``).
+def build_optimizer(
+    model: SequenceModel, train_config: TrainConfig, sequence_length: int | None = None
+) -> torch.optim.Optimizer:
+    """RMSprop or Adam; the Kronecker factors in their own group (:func:`factor_learning_rate`).
 
     Raises ``RuntimeError`` if a parameter would be in no group or in two.
     """
@@ -149,7 +177,7 @@ def build_optimizer(model: SequenceModel, train_config: TrainConfig) -> torch.op
     others = [p for p in model.parameters() if id(p) not in factor_ids]
     groups = [{"params": others, "lr": train_config.lr, "name": "main"}]
     if factors:
-        lr = train_config.factor_lr if train_config.factor_lr is not None else train_config.lr
+        lr = factor_learning_rate(train_config, sequence_length)
         groups.append({"params": factors, "lr": lr, "name": "factors"})
     grouped = [id(p) for g in groups for p in g["params"]]
     if len(grouped) != len(set(grouped)) or set(grouped) != {id(p) for p in model.parameters()}:
@@ -235,7 +263,8 @@ class _Run:
         self.store = CheckpointStore(out_dir)
         torch.manual_seed(self.tc.seed)  # initialisation; restored from a checkpoint on resume
         self.model = build_model(config.model, self.task.info, device=self.device)
-        self.optimizer = build_optimizer(self.model, self.tc)
+        self.sequence_length = self.task.sequence_length
+        self.optimizer = build_optimizer(self.model, self.tc, self.sequence_length)
         self.generator = torch.Generator().manual_seed(self.tc.seed)  # training batches
         self.counts = {k: int(v) for k, v in self.model.parameter_counts().items()}
         self.step = 0
@@ -326,10 +355,12 @@ class _Run:
             if not math.isfinite(norm):  # caught before the update spoils the parameters
                 raise self._diverged(f"the gradient norm became {norm}")
             metrics["grad_norm"] = norm
-        rates = learning_rates(self.tc, self.step)
+        rates = learning_rates(self.tc, self.step, self.sequence_length)
         for group in self.optimizer.param_groups:
             group["lr"] = rates[group["name"]]
         metrics["lr"] = rates["main"]
+        if len(self.optimizer.param_groups) > 1:
+            metrics["factor_lr"] = rates["factors"]
         self.optimizer.step()
         self.model.constrain_()
         self.step += 1

@@ -137,6 +137,12 @@ class Task:
         raise NotImplementedError
 
     @property
+    def sequence_length(self) -> int:
+        """Steps in the task's sequences (the longest held-out one when lengths vary): how far
+        the training engine has to backpropagate, which sets the factors' default rate."""
+        return int(self._split("valid").inputs.shape[1])
+
+    @property
     def splits(self) -> tuple[str, ...]:
         """The held-out splits: ``valid`` (evaluated during training), maybe ``test``."""
         return tuple(self._eval_sets)

@@ -362,6 +362,11 @@ class DatasetTask(Task):
         self._train_index = order[n_eval:] if n > 1 else order
         self._eval_sets["valid"] = self._collate(eval_index)
 
+    @property
+    def sequence_length(self) -> int:
+        """The longest sequence of the whole dataset."""
+        return max(len(x) for x in self.dataset.inputs)
+
     def _collate(self, index: Tensor) -> Batch:
         d = self.dataset
         return collate(

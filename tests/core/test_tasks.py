@@ -111,6 +111,20 @@ def test_eval_set_is_fixed_and_apart_from_training_stream() -> None:
     assert torch.equal(torch.cat([bt.inputs for bt in limited]), ea.inputs[:25])
 
 
+def test_sequence_length_is_what_backpropagation_goes_through(tmp_path) -> None:
+    assert build_task(TaskConfig(kind="copy", delay=7, eval_size=4)).sequence_length == 27
+    assert build_task(TaskConfig(kind="adding", length=60, eval_size=4)).sequence_length == 60
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefgh" * 40)
+    cfg = TaskConfig(kind="text", seq_len=25, eval_size=4, dataset_id="t")
+    assert build_task(cfg, dataset_path=text).sequence_length == 25
+    data = tmp_path / "d.jsonl"
+    lines = [f'{{"input": {[1] * n}, "target": {n % 2}}}' for n in (3, 9, 5, 4, 2, 6)]
+    data.write_text("\n".join(lines) + "\n")
+    task = build_task(TaskConfig(kind="dataset", eval_size=2, dataset_id="d"), dataset_path=data)
+    assert task.sequence_length == 9  # the whole dataset's longest, held out or not
+
+
 def test_batch_to_device_keeps_everything() -> None:
     batch = Batch(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2), torch.tensor([3, 1]))
     moved = batch.to("cpu")

@@ -91,6 +91,26 @@ def test_learning_rate_schedules() -> None:
     assert learning_rates(cos.train, 99)["main"] == pytest.approx(last)
 
 
+def test_factor_rate_scales_down_beyond_100_steps() -> None:
+    cfg = tiny(steps=100, lr=0.01, lr_schedule="constant").train
+    assert learning_rates(cfg, 0, 784) == {"main": 0.01, "factors": pytest.approx(0.01 / 7.84)}
+    assert learning_rates(cfg, 0, 100) == learning_rates(cfg, 0, 40) == learning_rates(cfg, 0)
+    assert learning_rates(cfg, 0, 40)["factors"] == 0.01
+    explicit = tiny(steps=100, lr=0.01, factor_lr=0.002, lr_schedule="constant").train
+    assert learning_rates(explicit, 0, 784)["factors"] == 0.002
+
+
+def test_engine_gives_the_factors_the_length_scaled_rate(tmp_path: Path) -> None:
+    def first_step(cfg: JobConfig, out: Path) -> dict[str, float]:
+        events: list[Progress] = []
+        train(cfg, out_dir=out, on_progress=events.append)
+        return next(e.metrics for e in events if e.kind == "train")
+
+    copy = first_step(tiny(steps=1).replace(task={"delay": 230}), tmp_path / "kru")
+    assert copy["lr"] == 0.003 and copy["factor_lr"] == pytest.approx(0.003 * 100 / 250)
+    assert "factor_lr" not in first_step(tiny(steps=1).replace(model={"cell": "lstm"}), tmp_path)
+
+
 def test_run_reports_progress_and_saves(tmp_path: Path) -> None:
     events: list[Progress] = []
     result = train(tiny(), out_dir=tmp_path, on_progress=events.append)
