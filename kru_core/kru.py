@@ -577,7 +577,7 @@ class _KRUBase(nn.Module):
     def _modrelu_bias(self) -> Tensor | None:
         # modReLU's bias acts as min(b, 0): with b <= 0 modReLU is 1-Lipschitz (|dh/dz| <= 1),
         # so with a unitary W the backward pass cannot grow. A positive b makes modReLU
-        # discontinuous at z = 0 with a gain of b / eps there (``docs/results.md`` section 2):
+        # discontinuous at z = 0 with a gain of b / eps there (``docs/results.md`` section 1):
         # pixel MNIST overflowed within 4 steps that way. :meth:`constrain_` keeps the stored
         # value in range, so the clamp is the identity for models trained here.
         if self.activation != "modrelu" or self.bias is None:
