@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -172,7 +173,11 @@ def run_one(
     test_size: int = 0,
 ) -> Row:
     """Train one configuration (or reuse a finished run of ``--runs-dir``) and summarise it."""
-    out = args.runs_dir / f"{name}-{setting}-{cfg.model.cell}".replace("=", "").replace(" ", "")
+    # One directory per configuration: the engine resumes a run whose train section changed
+    # (e.g. more steps), which here would silently continue another experiment.
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    label = f"{name}-{setting}-{cfg.model.cell}".replace("=", "").replace(" ", "")
+    out = args.runs_dir / f"{label}-{digest}"
     record = out / "reproduce.json"  # history and time of a finished run, for reuse
     if not args.fresh and record.is_file():
         saved = json.loads(record.read_text())
