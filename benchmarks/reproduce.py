@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -415,6 +416,12 @@ def write_results(path: Path, block: str, name: str | None = None) -> None:
     """Replace the block ``name`` of ``path``; a new block goes after the last generated one
     (or at the end)."""
     begin, end = markers(name)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel invocations each keep their block
+        _replace_block(path, block, begin, end)
+
+
+def _replace_block(path: Path, block: str, begin: str, end: str) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
