@@ -131,8 +131,15 @@ def _apply_overrides(data: dict[str, Any], args: argparse.Namespace) -> dict[str
         value = getattr(args, attr)
         if value is not None:
             overrides.append(f"{path}={json.dumps(value)}")
+    return apply_set_overrides(data, overrides)
+
+
+def apply_set_overrides(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """A copy of the job config ``data`` with ``SECTION.FIELD=VALUE`` overrides applied (``VALUE``
+    is JSON, or a plain string), as ``kru train --set`` takes them; a malformed item raises the
+    CLI's usage error."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for item in overrides:
+    for item in items:
         path, sep, raw = item.partition("=")
         section, dot, field = path.partition(".")
         if not sep or not dot or not field or "." in field:

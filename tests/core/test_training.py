@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -176,18 +177,25 @@ def test_max_seconds_times_out_with_checkpoint_and_metrics(tmp_path: Path) -> No
     assert result.checkpoint == CheckpointStore(tmp_path).latest()
 
 
-def test_nan_loss_raises_and_keeps_earlier_checkpoints(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def spoil_loss_at_call(
+    monkeypatch: pytest.MonkeyPatch, call: int, spoil: Callable[[torch.Tensor], torch.Tensor]
 ) -> None:
+    """Make the copy task's ``call``-th loss evaluation return ``spoil(loss)``."""
     original = CopyTask.loss
     calls = {"n": 0}
 
     def loss(self: CopyTask, outputs: torch.Tensor, batch: object) -> torch.Tensor:
         calls["n"] += 1
         value = original(self, outputs, batch)
-        return value * float("nan") if calls["n"] == 5 else value
+        return spoil(value) if calls["n"] == call else value
 
     monkeypatch.setattr(CopyTask, "loss", loss)
+
+
+def test_nan_loss_raises_and_keeps_earlier_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spoil_loss_at_call(monkeypatch, 5, lambda value: value * float("nan"))
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*train\.lr \(now 0\.003\)"):
         train(tiny(steps=10, checkpoint_every=2), out_dir=tmp_path)
     assert CheckpointStore(tmp_path).latest() == tmp_path / "step-000000004"
@@ -206,15 +214,7 @@ class _InfiniteGradient(torch.autograd.Function):
 def test_infinite_gradient_raises_before_the_update(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = CopyTask.loss
-    calls = {"n": 0}
-
-    def loss(self: CopyTask, outputs: torch.Tensor, batch: object) -> torch.Tensor:
-        calls["n"] += 1
-        value = original(self, outputs, batch)
-        return _InfiniteGradient.apply(value) if calls["n"] == 3 else value
-
-    monkeypatch.setattr(CopyTask, "loss", loss)
+    spoil_loss_at_call(monkeypatch, 3, _InfiniteGradient.apply)
     with pytest.raises(TrainingError, match=r"gradient norm became (inf|nan) at step 3"):
         train(tiny(steps=10, checkpoint_every=2), out_dir=tmp_path)
     saved = CheckpointStore(tmp_path).load()
