@@ -12,6 +12,10 @@ Examples::
     python benchmarks/reproduce.py --scale cpu               # about 75 min on 2 CPU cores
     python benchmarks/reproduce.py --scale paper --device cuda
     python benchmarks/reproduce.py --scale cpu --copy-delays 200 --adding-lengths 200 --no-mnist
+    # two invocations side by side, each with its own table in docs/results.md:
+    python benchmarks/reproduce.py --scale cpu --threads 1 --no-mnist &
+    python benchmarks/reproduce.py --scale cpu --threads 1 --copy-delays --adding-lengths \
+        --block mnist
 """
 
 from __future__ import annotations
