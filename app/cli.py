@@ -20,7 +20,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TextIO
+
+from app.cli_remote import add_jobs, add_models
+from worker.logs import configure_logging
+
+if TYPE_CHECKING:  # imported where they are used: the commands load torch only when they need it
+    from kru_core.training import Progress
+    from worker.db import Store
+    from worker.settings import Settings
 
 EXAMPLE_CONFIG = """\
 example config (JSON; every field is optional, defaults as in the HTTP API):
@@ -178,7 +187,7 @@ class _StopFlag:
     def __call__(self) -> bool:
         return self.requested
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -209,7 +218,7 @@ class _ProgressBar:
         self.last_draw = 0.0
         self.last_line = ""
 
-    def update(self, progress: Any) -> None:
+    def update(self, progress: Progress) -> None:
         if progress.kind == "train":
             self.loss = progress.metrics.get("loss")
             now = time.monotonic()
@@ -305,7 +314,7 @@ def run_predict(args: argparse.Namespace) -> int:
 # -- serve, api, worker ----------------------------------------------------------------------
 
 
-def _service_settings() -> Any:
+def _service_settings() -> Settings:
     """The ``KRU_*`` settings; a bad value is a usage error naming the variable."""
     from pydantic import ValidationError
 
@@ -361,12 +370,13 @@ def add_api(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_api(args: argparse.Namespace) -> int:
+    settings = _service_settings()
+    _check_schema(settings)  # a clear message and exit 1 before uvicorn starts
+
     import uvicorn
 
     from app.main import create_app
-    from worker.runner import configure_logging
 
-    settings = _service_settings()
     configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower()
@@ -391,7 +401,99 @@ def add_worker(subparsers: argparse._SubParsersAction) -> None:
 def run_worker(args: argparse.Namespace) -> int:
     from worker import runner
 
-    return runner.run_worker(_service_settings())
+    settings = _service_settings()
+    _check_schema(settings)
+    return runner.run_worker(settings)
+
+
+def _check_schema(settings: Settings) -> None:
+    """Refuse to start on a database whose schema is not the code's (an empty one gets it)."""
+    from worker import schema
+    from worker.db import Store
+
+    store = Store(settings.database_url)
+    try:
+        schema.prepare(store, upgrade_schema=False)
+    except schema.SchemaOutdated as exc:
+        raise _StartError(str(exc)) from None
+    finally:
+        store.dispose()
+
+
+# -- db --------------------------------------------------------------------------------------
+
+
+def add_db(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kru db upgrade`` and ``kru db current``."""
+    p = subparsers.add_parser(
+        "db",
+        help="the job store's schema: upgrade it, show its revision",
+        description=(
+            "The job store's schema migrations (Alembic; worker/migrations), on the database of "
+            "KRU_DATABASE_URL (SQLite or PostgreSQL; default the SQLite file in KRU_DATA_DIR). "
+            "`kru api` and `kru worker` refuse to start on an older schema; `kru serve` "
+            "upgrades by itself."
+        ),
+    )
+    sub = p.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
+    up = sub.add_parser(
+        "upgrade",
+        help="migrate the schema to the code's revision (back up first)",
+        description=(
+            "Run the migrations up to the code's revision, in one transaction; processes "
+            "upgrading at the same time take turns. A database created before migrations "
+            "existed is recognised as 0001 (stamped) first. Idempotent."
+        ),
+    )
+    up.add_argument("--revision", default="head", help="target revision (default: head)")
+    up.set_defaults(handler=run_db_upgrade)
+    cur = sub.add_parser(
+        "current",
+        help="print the database's schema revision and the code's",
+        description="Print the database's schema revision and the code's (head).",
+    )
+    cur.add_argument(
+        "--check", action="store_true", help="exit 1 unless the schema is the code's (head)"
+    )
+    cur.set_defaults(handler=run_db_current)
+
+
+def _store() -> Store:
+    from worker.db import Store
+
+    return Store(_service_settings().database_url)
+
+
+def run_db_upgrade(args: argparse.Namespace) -> int:
+    from worker import schema
+
+    store = _store()
+    try:
+        before, after = schema.upgrade(store, args.revision)
+    except schema.SchemaOutdated as exc:
+        raise _StartError(str(exc)) from None
+    finally:
+        store.dispose()
+    was = "empty" if before.empty else before.revision
+    if before.legacy:
+        was = f"{before.revision} (created before migrations; stamped)"
+    if before.revision == after.revision:
+        print(f"schema at {after.revision}: nothing to do")
+    else:
+        print(f"schema upgraded: {was} -> {after.revision}")
+    return 0
+
+
+def run_db_current(args: argparse.Namespace) -> int:
+    from worker import schema
+
+    store = _store()
+    try:
+        state = schema.current(store)
+    finally:
+        store.dispose()
+    print(state.describe())
+    return 1 if args.check and not state.up_to_date else 0
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -405,6 +507,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_api,
     add_worker,
+    add_db,
+    add_jobs,
+    add_models,
 ]
 
 
@@ -426,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _UsageError(Exception):
     """A bad argument or input file: printed, exit code 2."""
+
+
+class _StartError(Exception):
+    """A service cannot start (e.g. the database's schema is older than the code): printed,
+    exit code 1."""
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -455,11 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kru`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     use_passive_openmp()
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
     from kru_core.config import ConfigError
     from kru_core.errors import KruError
 
@@ -468,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     except (_UsageError, ConfigError) as exc:
         print(f"kru {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KruError as exc:
+    except (KruError, _StartError) as exc:
         print(f"kru {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

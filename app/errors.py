@@ -3,29 +3,57 @@
 Every error body is an :class:`app.schemas.ErrorResponse`: a stable ``detail`` string, and for
 invalid input the offending ``field`` (dotted path, e.g. ``train.lr`` or ``inputs.0.17``) and the
 list of ``errors`` (with line numbers for dataset uploads). ``404`` unknown ids, ``409`` state
-conflicts, ``413`` oversized bodies, ``422`` invalid input, ``401``/``403`` auth. Anything else is
-a bug: it is logged with its traceback and answered with a JSON ``500``. ``503`` when the
-database or broker cannot be reached.
+conflicts, ``413`` oversized bodies, ``422`` invalid input (malformed JSON or multipart bodies
+too), ``429`` a per-key quota (with ``Retry-After`` when it frees by itself), ``507`` a server
+disk too full for an upload, ``400`` a repeated ``Authorization`` header, ``401``/``403`` auth.
+Anything else is a bug: it is logged with its traceback and answered with a JSON ``500``. ``503``
+when the database or broker cannot be reached.
+
+Echoed values are bounded: ``detail`` and each message are cut at :data:`MAX_DETAIL_CHARS`, and
+ids are echoed through :func:`echo` (a 5,000-character id comes back as its first 64 characters).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from kru_core.errors import DatasetError, FieldError, KruError
-from worker.errors import Conflict, Invalid, NotFound, Unavailable
+from worker.errors import Conflict, InsufficientStorage, Invalid, NotFound, OverQuota, Unavailable
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR_DETAIL = "internal server error"
+#: Longest ``detail`` or error message sent back; longer ones (an echoed value) are cut.
+MAX_DETAIL_CHARS = 500
+#: How much of a client's value :func:`echo` repeats.
+MAX_ECHO_CHARS = 64
+
+
+def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters of it (then ``…`` and
+    the full length): ``echo("a" * 5000)`` is ``'aaaa…' (5000 characters)``."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(text) if isinstance(value, str) else text
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 1] + "…"
+
 
 # Pydantic names the member of a union it tried (``list[int]``, ``constrained-int``) in the error
 # location; the client sent no such key, so these are left out of the field path.
@@ -33,15 +61,26 @@ _UNION_TAGS = frozenset({"int", "float", "str", "bool", "list", "dict", "none", 
 _LOCATION_SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
 
 
+#: Problems an error body lists at most (a binary upload can have thousands of bad lines);
+#: ``errors_total`` then says how many there were.
+MAX_ERROR_ITEMS = 100
+
+
 def error_body(
     detail: str, *, field: str | None = None, errors: Sequence[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """An :class:`app.schemas.ErrorResponse` as plain JSON data (``None`` parts left out)."""
+    """An :class:`app.schemas.ErrorResponse` as plain JSON data (``None`` parts left out).
+
+    ``errors`` beyond the first :data:`MAX_ERROR_ITEMS` are left out, counted in
+    ``errors_total``.
+    """
     body: dict[str, Any] = {"detail": detail}
     if field is not None:
         body["field"] = field
     if errors is not None:
-        body["errors"] = list(errors)
+        body["errors"] = list(errors[:MAX_ERROR_ITEMS])
+        if len(errors) > MAX_ERROR_ITEMS:
+            body["errors_total"] = len(errors)
     return body
 
 
@@ -106,14 +145,20 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    if exc.status_code == 400 and exc.__cause__ is not None:
-        # FastAPI's "There was an error parsing the body" (bytes that are not UTF-8, a broken
-        # multipart stream): invalid input like malformed JSON, so the same 422 and shape.
-        detail = f"malformed request body: {_reason(exc.__cause__)}"
-        return JSONResponse(
-            error_body(detail, field="body", errors=[{"field": "body", "message": detail}]),
-            status_code=422,
-        )
+    if exc.status_code == 400:
+        # Only body parsing raises a 400 here: FastAPI's "There was an error parsing the body"
+        # (bytes that are not UTF-8, an integer of thousands of digits) and Starlette's
+        # multipart errors ("Invalid multipart data.": a part header over python-multipart's
+        # limit, a broken stream). Invalid input like malformed JSON: the same 422 and shape.
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and exc.__cause__ is not None:
+            detail = f"malformed request body: {_reason(cause)}"
+        else:
+            detail = f"malformed multipart body: {exc.detail}"
+            inner = cause.__cause__ if cause is not None else None
+            if inner is not None:
+                detail += f" ({_reason(inner)})"
+        return _invalid_field(request, "body", detail, prefixed=False)
     headers = exc.headers
     if exc.status_code == 405:
         # Starlette names only the methods of the first route matching the path; list them all.
@@ -139,10 +184,14 @@ def _reason(exc: BaseException) -> str:
     return str(exc)[:200] or type(exc).__name__
 
 
-def _invalid_field(request: Request, field: str, message: str) -> JSONResponse:
+def _invalid_field(
+    request: Request, field: str, message: str, *, prefixed: bool = True
+) -> JSONResponse:
     return JSONResponse(
         error_body(
-            f"{field}: {message}", field=field, errors=[{"field": field, "message": message}]
+            f"{field}: {message}" if prefixed else message,
+            field=field,
+            errors=[{"field": field, "message": message}],
         ),
         status_code=422,
     )
@@ -188,6 +237,91 @@ async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
     return JSONResponse(error_body(exc.detail), status_code=503)
 
 
+async def _over_quota(request: Request, exc: OverQuota) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return JSONResponse(
+        error_body(exc.detail, field=exc.limit), status_code=429, headers=headers or None
+    )
+
+
+async def _insufficient_storage(request: Request, exc: InsufficientStorage) -> JSONResponse:
+    return JSONResponse(error_body(exc.detail, field="file"), status_code=507)
+
+
+# --- integers too long to parse ---------------------------------------------------------------
+
+
+class _LongInt:
+    """An integer literal of more digits than Python converts (``sys.get_int_max_str_digits``)."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int | _LongInt:
+    limit = sys.get_int_max_str_digits()
+    digits = len(text.lstrip("-"))
+    return _LongInt(digits) if limit and digits > limit else int(text)
+
+
+def _long_int_path(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], int] | None:
+    if isinstance(value, _LongInt):
+        return path, value.digits
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, item in items:
+        found = _long_int_path(item, (*path, str(key)))
+        if found is not None:
+            return found
+    return None
+
+
+def long_integer_field(body: bytes) -> tuple[str, int] | None:
+    """``(field, digits)`` of the first integer in the JSON ``body`` too long for Python to
+    convert (FastAPI's parser fails on it as a whole); None if there is none."""
+    try:
+        data = json.loads(body, parse_int=_parse_int)
+    except (ValueError, RecursionError):
+        return None
+    found = _long_int_path(data)
+    if found is None:
+        return None
+    path, digits = found
+    return ".".join(path) or "body", digits
+
+
+class ErrorRoute(APIRoute):
+    """The routes of the API: a JSON body with an integer of thousands of digits (valid JSON
+    that Python refuses to convert) is a ``422`` naming that integer's field, not a parse error
+    of the whole body. Routers use it as ``route_class``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except StarletteHTTPException as exc:
+                if exc.status_code != 400 or not isinstance(exc.__cause__, ValueError):
+                    raise
+                found = long_integer_field(await request.body())
+                if found is None:
+                    raise
+                field, digits = found
+                return _invalid_field(
+                    request, field, f"integer out of range (a number of {digits} digits)"
+                )
+
+        return route_handler
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(error_body(INTERNAL_ERROR_DETAIL), status_code=500)
@@ -204,4 +338,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(Invalid, _invalid)
     app.add_exception_handler(Unavailable, _unavailable)
+    app.add_exception_handler(OverQuota, _over_quota)
+    app.add_exception_handler(InsufficientStorage, _insufficient_storage)
     app.add_exception_handler(Exception, _unexpected)

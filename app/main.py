@@ -17,9 +17,12 @@ from app.auth import ApiKeyMiddleware
 from app.errors import install_error_handlers
 from app.events import StreamTiming
 from app.limits import BodyLimitMiddleware
+from app.logs import install_access_log_filter
 from app.metrics import ApiMetrics, MetricsMiddleware
-from app.predictor import Predictor
-from app.routes import datasets, health, jobs, models
+from app.predictor import Predictor, ServingLimits
+from app.predictor import install_error_handlers as install_predictor_errors
+from app.routes import datasets, health, jobs, models, sessions, workers
+from app.ui import install_ui
 from worker import service
 from worker.settings import Settings, get_settings
 
@@ -54,6 +57,19 @@ def request_limit(settings: Settings) -> Callable[[str, str], int]:
     return limit_for
 
 
+def serving_limits(settings: Settings) -> ServingLimits:
+    """The predictor's limits and batching from the ``KRU_*`` settings."""
+    return ServingLimits(
+        max_sequences=settings.max_sequences_per_request,
+        max_sequence_length=settings.max_sequence_length,
+        max_cost=settings.max_request_cost,
+        batch_max_size=settings.batch_max_size,
+        batch_max_delay=settings.batch_max_delay_ms / 1000,
+        queue_size=settings.batch_queue_size,
+        timeout=settings.predict_timeout,
+    )
+
+
 def create_app(
     settings: Settings | None = None, *, sse_timing: StreamTiming | None = None
 ) -> FastAPI:
@@ -64,6 +80,7 @@ def create_app(
         sse_timing: poll and heartbeat intervals of the job event streams.
     """
     settings = settings or get_settings()
+    install_access_log_filter()  # no query string (a key sent by mistake) in the access log
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,6 +91,7 @@ def create_app(
         try:
             yield
         finally:
+            app.state.predictor.close()
             await run_in_threadpool(service.shutdown)
 
     app = FastAPI(
@@ -81,16 +99,19 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from the package by install_ui (FastAPI's load from a CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.sse_timing = sse_timing or StreamTiming()
+    app.state.metrics = metrics = ApiMetrics(service.job_counts_by_status)
     app.state.predictor = Predictor(
         lambda model_id: service.get_model(model_id).checkpoint,
         cache_size=settings.model_cache_size,
-        max_sequences=settings.max_sequences_per_request,
-        max_sequence_length=settings.max_sequence_length,
+        limits=serving_limits(settings),
+        observe_batch=lambda kind, size: metrics.batch_size.labels(kind).observe(size),
+        observe_wait=lambda kind, seconds: metrics.queue_wait.labels(kind).observe(seconds),
     )
-    app.state.metrics = ApiMetrics(service.job_counts_by_status)
 
     # Route templates for metrics labels: the routes keep their router-relative paths.
     templates: dict[int, str] = {}
@@ -98,12 +119,16 @@ def create_app(
         (jobs.router, API_PREFIX),
         (datasets.router, API_PREFIX),
         (models.router, API_PREFIX),
+        (sessions.router, API_PREFIX),
+        (workers.router, API_PREFIX),
         (health.router, ""),
     ):
         app.include_router(router, prefix=prefix)
         templates.update({id(route): prefix + route.path for route in router.routes})
 
+    install_ui(app)
     install_error_handlers(app)
+    install_predictor_errors(app)
     # Added last = outermost. Metrics see every answer; auth refuses before a byte of the body
     # is read; the size limit runs before anything parses it.
     app.add_middleware(BodyLimitMiddleware, limit_for=request_limit(settings))

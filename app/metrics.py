@@ -68,6 +68,21 @@ class ApiMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "kru_batch_size",
+            "Sequences per forward pass of the predictor's micro-batching, by kind (predict, "
+            "session).",
+            ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "kru_batch_queue_wait_seconds",
+            "Time a request spent in its model's batch queue before its forward pass, by kind.",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(JobsByStatus(job_counts))
 
 

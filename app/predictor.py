@@ -1,28 +1,85 @@
-"""The predictor: an LRU cache of loaded models and request validation against each model.
+"""The predictor: an LRU cache of loaded models, request validation, and dynamic micro-batching.
 
 Every request is checked against the model's task before the model is touched: the number of
 sequences and their lengths (limits from settings), tokens inside the vocabulary, the feature size
-of every step, finite numbers. A bad request raises :class:`kru_core.errors.InputError` naming the
-offending value (``inputs.3.17``), which the API answers with a ``422``. Checkpoint paths come from
-the model registry (:func:`worker.service.get_model`), never from the client.
+of every step, finite numbers within float32's range, the request's cost. A bad request raises
+:class:`kru_core.errors.InputError` naming the offending value (``inputs.3.17``), which the API
+answers with a ``422``. Checkpoint paths come from the model registry
+(:func:`worker.service.get_model`), never from the client.
+
+Valid requests then join their model's queue (:class:`ModelBatcher`): concurrent requests (and
+streaming-session steps, in a queue of their own) are merged into one forward pass of at most
+``batch_max_size`` sequences, waiting at most ``batch_max_delay`` seconds for more once the
+first one is queued (requests that arrive while a batch runs make up the next one). The forward
+pass runs in a worker thread, never on the event loop. Each queue holds at most ``queue_size``
+requests (more: :class:`Overloaded`, a ``503`` with ``Retry-After``); a request waits at most
+``timeout`` seconds (:class:`DeadlineExceeded`, ``504``), and one whose client hung up is
+dropped from its queue (:class:`ClientDisconnected`). A sequence whose outputs are not finite
+fails only its own request (``422``); an exception in a forward pass fails only that batch
+(:class:`BatchFailed`, ``500`` naming the error).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
 import math
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from kru_core.errors import InputError
-from kru_core.inference import LoadedModel
+from kru_core.inference import NON_FINITE_OUTPUT, BatchOutput, LoadedModel, check_inputs
+from kru_core.tasks import TaskInfo
+
+logger = logging.getLogger(__name__)
 
 Loader = Callable[[Path], LoadedModel]
 Resolver = Callable[[str], Path]
+
+#: Requests with at most this many steps in all are validated on the event loop (microseconds);
+#: larger ones in a thread, so a 1 MB body does not hold up other requests.
+INLINE_VALIDATION_STEPS = 2048
+#: A model's batcher task ends after this many idle seconds (and is made again on demand).
+BATCHER_IDLE_SECONDS = 60.0
+
+
+class Overloaded(Exception):
+    """The model's queue is full: answered ``503`` with ``Retry-After``."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    """The request was not answered within its deadline: answered ``504``."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before the answer; its work was dropped (logged as ``499``)."""
+
+
+class BatchFailed(Exception):
+    """A forward pass raised: every request of that batch (and only those) fails, ``500``."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 def _load_on_cpu(checkpoint: Path) -> LoadedModel:
@@ -83,11 +140,149 @@ class ModelCache:
                     self._models.popitem(last=False)
         return model
 
+    def forget(self, model_id: str) -> None:
+        """Drop ``model_id`` (a deleted model): the next request resolves it again."""
+        with self._lock:
+            self._models.pop(model_id, None)
+
     def _hit(self, model_id: str) -> LoadedModel | None:
         model = self._models.get(model_id)
         if model is not None:
             self._models.move_to_end(model_id)
         return model
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """The predictor's limits and batching (the ``KRU_*`` settings named in brackets).
+
+    Attributes:
+        max_sequences: sequences per predict request (``KRU_MAX_SEQUENCES_PER_REQUEST``).
+        max_sequence_length: steps per sequence, prompt characters and new characters per
+            generate request (``KRU_MAX_SEQUENCE_LENGTH``).
+        max_cost: sequences x steps x the model's per-step cost (multiply-adds,
+            :func:`kru_core.inference.estimate_step_cost`) per request
+            (``KRU_MAX_REQUEST_COST``).
+        batch_max_size: sequences merged into one forward pass (``KRU_BATCH_MAX_SIZE``).
+        batch_max_delay: seconds the first queued request waits for more
+            (``KRU_BATCH_MAX_DELAY_MS`` / 1000).
+        queue_size: requests waiting per model and kind (``KRU_BATCH_QUEUE_SIZE``).
+        timeout: seconds a request may wait for its answer (``KRU_PREDICT_TIMEOUT``).
+    """
+
+    max_sequences: int = 256
+    max_sequence_length: int = 10_000
+    max_cost: float = 2e11
+    batch_max_size: int = 64
+    batch_max_delay: float = 0.0
+    queue_size: int = 256
+    timeout: float = 30.0
+
+
+@dataclass
+class Job:
+    """Encoded sequences of one request (or one session step) waiting in a batch queue."""
+
+    sequences: list[Tensor]
+    probabilities: bool = False
+    states: list[Any] | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+    future: asyncio.Future[BatchOutput] | None = None
+    dropped: bool = False
+
+
+class ModelBatcher:
+    """The queue of one model (and kind: ``predict`` or ``session``) and the task draining it.
+
+    Jobs are taken in arrival order until ``batch_max_size`` sequences (a job larger than that
+    runs alone); dropped jobs (deadline, client gone) are skipped. Each batch runs as one
+    :meth:`LoadedModel.forward_batch` in the predictor's executor and its outputs are split
+    back to the jobs in order.
+    """
+
+    def __init__(self, predictor: Predictor, model_id: str, kind: str) -> None:
+        self.predictor = predictor
+        self.model_id = model_id
+        self.kind = kind
+        self.loop = asyncio.get_running_loop()
+        self.queue: deque[Job] = deque()
+        self._wakeup = asyncio.Event()
+        self.task = self.loop.create_task(self._run(), name=f"batcher-{kind}-{model_id}")
+
+    def submit(self, job: Job) -> asyncio.Future[BatchOutput]:
+        """Queue ``job``; :class:`Overloaded` when ``queue_size`` jobs already wait."""
+        limits = self.predictor.limits
+        waiting = sum(1 for j in self.queue if not j.dropped)
+        if waiting >= limits.queue_size:
+            retry = max(1, math.ceil(self.predictor.batch_seconds(self.model_id) * 2))
+            raise Overloaded(
+                f"model {self.model_id!r} is busy: {waiting} requests are queued (the limit is "
+                f"KRU_BATCH_QUEUE_SIZE={limits.queue_size}); retry in {retry} s",
+                retry,
+            )
+        job.future = self.loop.create_future()
+        self.queue.append(job)
+        self._wakeup.set()
+        return job.future
+
+    async def _run(self) -> None:
+        limits = self.predictor.limits
+        while True:
+            if not self.queue:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), BATCHER_IDLE_SECONDS)
+                except TimeoutError:
+                    if not self.queue:
+                        self.predictor._forget(self)
+                        return
+                continue
+            batch: list[Job] = []
+            size = 0
+            close = self.queue[0].enqueued + limits.batch_max_delay
+            while True:
+                while self.queue:
+                    job = self.queue[0]
+                    if job.dropped or job.future is None or job.future.done():
+                        self.queue.popleft()
+                        continue
+                    if batch and size + len(job.sequences) > limits.batch_max_size:
+                        break
+                    self.queue.popleft()
+                    batch.append(job)
+                    size += len(job.sequences)
+                full = size >= limits.batch_max_size or bool(self.queue)
+                remaining = close - time.perf_counter()
+                if full or remaining <= 0 or not batch:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+            if batch:
+                await self._forward(batch, size)
+
+    async def _forward(self, batch: list[Job], size: int) -> None:
+        started = time.perf_counter()
+        for job in batch:
+            self.predictor.observe_wait(self.kind, started - job.enqueued)
+        self.predictor.observe_batch(self.kind, size)
+        try:
+            outputs = await self.loop.run_in_executor(
+                self.predictor.executor, self.predictor._run_batch, self.model_id, batch
+            )
+        except Exception as exc:  # the whole batch fails, and only it
+            logger.exception("forward pass of %d sequences on model %s failed", size, self.model_id)
+            failure = BatchFailed(
+                f"the forward pass of this request's batch failed: {type(exc).__name__}: {exc}"
+            )
+            for job in batch:
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(failure)
+            return
+        self.predictor.record_batch_seconds(self.model_id, time.perf_counter() - started)
+        for job, output in zip(batch, outputs, strict=True):
+            if job.future is not None and not job.future.done():
+                job.future.set_result(output)
 
 
 class Predictor:
@@ -97,10 +292,12 @@ class Predictor:
         resolve: the checkpoint directory of a model id; raises ``NotFound`` for an unknown id
             (the API passes the model registry's lookup).
         cache_size: models kept loaded (``KRU_MODEL_CACHE_SIZE``).
-        max_sequences: sequences per predict request (``KRU_MAX_SEQUENCES_PER_REQUEST``).
-        max_sequence_length: steps per sequence, prompt characters and new characters per
-            generate request (``KRU_MAX_SEQUENCE_LENGTH``).
+        max_sequences, max_sequence_length: request limits (see :class:`ServingLimits`); or
+        limits: all of them at once.
         loader: loads a checkpoint directory (default: ``LoadedModel.from_checkpoint`` on CPU).
+        observe_batch: called with ``(kind, sequences)`` for each forward pass (metrics).
+        observe_wait: called with ``(kind, seconds)`` for each job's time in its queue.
+        threads: worker threads running forward passes (models run in parallel up to it).
     """
 
     def __init__(
@@ -108,27 +305,190 @@ class Predictor:
         resolve: Resolver,
         *,
         cache_size: int,
-        max_sequences: int,
-        max_sequence_length: int,
+        max_sequences: int | None = None,
+        max_sequence_length: int | None = None,
+        limits: ServingLimits | None = None,
         loader: Loader = _load_on_cpu,
+        observe_batch: Callable[[str, int], None] | None = None,
+        observe_wait: Callable[[str, float], None] | None = None,
+        threads: int = 4,
     ) -> None:
+        limits = limits or ServingLimits()
+        overrides: dict[str, Any] = {}
+        if max_sequences is not None:
+            overrides["max_sequences"] = max_sequences
+        if max_sequence_length is not None:
+            overrides["max_sequence_length"] = max_sequence_length
+        if overrides:
+            limits = ServingLimits(**{**limits.__dict__, **overrides})
+        self.limits = limits
         self.cache = ModelCache(cache_size, resolve=resolve, loader=loader)
-        self.max_sequences = max_sequences
-        self.max_sequence_length = max_sequence_length
+        self._threads = threads
+        self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self._executors_lock = threading.Lock()
+        self._batchers: dict[tuple[str, str], ModelBatcher] = {}
+        self._batch_seconds: dict[str, float] = {}
+        self._observe_batch = observe_batch
+        self._observe_wait = observe_wait
+
+    def _pool(self, name: str, threads: int) -> concurrent.futures.ThreadPoolExecutor:
+        with self._executors_lock:
+            pool = self._executors.get(name)
+            if pool is None:
+                pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=name)
+                self._executors[name] = pool
+            return pool
+
+    @property
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads of forward passes and generation (made on first use, again after
+        :meth:`close`)."""
+        return self._pool("kru-forward", self._threads)
+
+    @property
+    def _validator(self) -> concurrent.futures.ThreadPoolExecutor:
+        return self._pool("kru-check", 2)
+
+    @property
+    def max_sequences(self) -> int:
+        """Sequences per predict request."""
+        return self.limits.max_sequences
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Steps per sequence."""
+        return self.limits.max_sequence_length
+
+    # -- synchronous (CLI, tests) ------------------------------------------------------------
 
     def predict(
         self, model_id: str, inputs: Sequence[Sequence[Any]], *, probabilities: bool = False
     ) -> dict[str, Any]:
-        """``{"predictions": [...], "probabilities"?: [...]}`` for ``inputs``; or InputError."""
+        """``{"predictions": [...], "probabilities"?: [...]}`` for ``inputs``, unbatched (in
+        the calling thread); or InputError."""
         model = self.cache.get(model_id)
+        sequences = self.prepare(model, inputs, probabilities=probabilities)
+        output = model.forward_batch(sequences, probabilities=probabilities)
+        return answer(output, probabilities=model.wants_probabilities(probabilities))
+
+    # -- asynchronous, batched (the API) ------------------------------------------------------
+
+    async def model(self, model_id: str) -> LoadedModel:
+        """The loaded model (loading it in a thread on a cache miss)."""
+        if model_id in self.cache:
+            return self.cache.get(model_id)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._validator, self.cache.get, model_id
+        )
+
+    async def prepare_async(
+        self,
+        model: LoadedModel,
+        inputs: Sequence[Any],
+        *,
+        probabilities: bool = False,
+    ) -> list[Tensor]:
+        """:meth:`prepare`, on the event loop for small requests and in a thread for large."""
+        steps = sum(len(s) if isinstance(s, (list, str)) else 1 for s in inputs)
+        if steps <= INLINE_VALIDATION_STEPS:
+            return self.prepare(model, inputs, probabilities=probabilities)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._validator, lambda: self.prepare(model, inputs, probabilities=probabilities)
+        )
+
+    def prepare(
+        self,
+        model: LoadedModel,
+        inputs: Sequence[Any],
+        *,
+        probabilities: bool = False,
+    ) -> list[Tensor]:
+        """Validate a request against ``model`` and the limits; its sequences as tensors.
+
+        Raises:
+            InputError: a bad value, a limit (``KRU_MAX_*``), ``probabilities`` on a
+                regression model, or a cost over ``KRU_MAX_REQUEST_COST``.
+        """
         validate_inputs(
             inputs,
-            model.info,
-            max_sequences=self.max_sequences,
-            max_length=self.max_sequence_length,
+            model.task_info,
+            max_sequences=self.limits.max_sequences,
+            max_length=self.limits.max_sequence_length,
         )
-        with torch.inference_mode():
-            return model.predict(inputs, probabilities=probabilities)
+        if probabilities and model.task_info.target_kind != "classification":
+            raise InputError(
+                "probabilities",
+                f"this model predicts values (task {model.task_info.task_kind!r}, "
+                "regression): it has no probabilities",
+            )
+        self.check_cost(model, sum(len(s) for s in inputs), len(inputs), field="inputs")
+        return model.encode(inputs)
+
+    def check_cost(self, model: LoadedModel, steps: int, sequences: int, *, field: str) -> None:
+        """InputError when ``steps`` (all sequences' steps) x the model's per-step cost is over
+        ``KRU_MAX_REQUEST_COST``."""
+        cost = steps * model.step_cost
+        if cost > self.limits.max_cost:
+            raise InputError(
+                field,
+                f"request cost {cost:.3g} is over the limit KRU_MAX_REQUEST_COST="
+                f"{self.limits.max_cost:.3g} ({sequences} sequences, {steps} steps in all, x "
+                f"{model.step_cost} multiply-adds per step of this model): send fewer or shorter "
+                "sequences",
+            )
+
+    async def run(
+        self,
+        model_id: str,
+        job: Job,
+        *,
+        kind: str = "predict",
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+    ) -> BatchOutput:
+        """Queue ``job`` on the model's batcher and wait for its outputs.
+
+        Args:
+            kind: ``predict`` or ``session`` (batched separately: sessions carry states).
+            disconnected: an awaitable factory that returns once the client hung up.
+
+        Raises:
+            Overloaded, DeadlineExceeded, ClientDisconnected, BatchFailed.
+        """
+        batcher = self._batcher(model_id, kind)
+        future = batcher.submit(job)
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        waits: set[asyncio.Future[Any]] = {future} | ({watcher} if watcher else set())
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=self.limits.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if future in done:
+            return future.result()
+        job.dropped = True
+        future.cancel()
+        if watcher is not None and watcher in done:
+            raise ClientDisconnected()
+        raise DeadlineExceeded(
+            f"no answer within the request deadline (KRU_PREDICT_TIMEOUT={self.limits.timeout:g}"
+            f" s): model {model_id!r} is busy"
+        )
+
+    async def predict_async(
+        self,
+        model_id: str,
+        inputs: Sequence[Any],
+        *,
+        probabilities: bool = False,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`predict`, batched with concurrent requests for the same model."""
+        model = await self.model(model_id)
+        sequences = await self.prepare_async(model, inputs, probabilities=probabilities)
+        output = await self.run(model_id, Job(sequences, probabilities), disconnected=disconnected)
+        return answer(output, probabilities=model.wants_probabilities(probabilities))
 
     def generate(
         self,
@@ -142,87 +502,130 @@ class Predictor:
         """Text continuing ``prompt``; InputError for a non-text model or a bad prompt."""
         model = self.cache.get(model_id)
         validate_prompt(
-            prompt, model.info, max_new_tokens=max_new_tokens, max_length=self.max_sequence_length
+            prompt,
+            model.info,
+            max_new_tokens=max_new_tokens,
+            max_length=self.limits.max_sequence_length,
         )
+        self.check_cost(model, len(prompt) + max_new_tokens, 1, field="max_new_tokens")
         with torch.inference_mode():
             return model.generate(
                 prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
             )
 
+    async def generate_async(self, model_id: str, prompt: str, **kwargs: Any) -> str:
+        """:meth:`generate` in a worker thread (never on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: self.generate(model_id, prompt, **kwargs)
+        )
+
+    # -- batchers ----------------------------------------------------------------------------
+
+    def _batcher(self, model_id: str, kind: str) -> ModelBatcher:
+        key = (model_id, kind)
+        batcher = self._batchers.get(key)
+        loop = asyncio.get_running_loop()
+        if batcher is None or batcher.loop is not loop or batcher.task.done():
+            batcher = ModelBatcher(self, model_id, kind)
+            self._batchers[key] = batcher
+        return batcher
+
+    def _forget(self, batcher: ModelBatcher) -> None:
+        key = (batcher.model_id, batcher.kind)
+        if self._batchers.get(key) is batcher:
+            del self._batchers[key]
+
+    def _run_batch(self, model_id: str, batch: list[Job]) -> list[BatchOutput]:
+        """One forward pass over every sequence of ``batch`` (in the executor)."""
+        model = self.cache.get(model_id)
+        sequences = [s for job in batch for s in job.sequences]
+        stateful = any(job.states is not None for job in batch)
+        states = None
+        if stateful:
+            states = [
+                s
+                for job in batch
+                for s in (job.states if job.states is not None else [None] * len(job.sequences))
+            ]
+        output = model.forward_batch(
+            sequences,
+            probabilities=any(job.probabilities for job in batch),
+            states=states,
+            return_states=stateful,
+        )
+        results, start = [], 0
+        for job in batch:
+            end = start + len(job.sequences)
+            results.append(
+                BatchOutput(
+                    output.predictions[start:end],
+                    output.probabilities[start:end],
+                    output.finite[start:end],
+                    output.states[start:end],
+                )
+            )
+            start = end
+        return results
+
+    def batch_seconds(self, model_id: str) -> float:
+        """The last forward pass's duration on ``model_id`` (0 before the first)."""
+        return self._batch_seconds.get(model_id, 0.0)
+
+    def record_batch_seconds(self, model_id: str, seconds: float) -> None:
+        """Remember a forward pass's duration (for ``Retry-After``)."""
+        self._batch_seconds[model_id] = seconds
+
+    def observe_batch(self, kind: str, size: int) -> None:
+        """Record a forward pass of ``size`` sequences."""
+        if self._observe_batch is not None:
+            self._observe_batch(kind, size)
+
+    def observe_wait(self, kind: str, seconds: float) -> None:
+        """Record a job's time in its queue."""
+        if self._observe_wait is not None:
+            self._observe_wait(kind, seconds)
+
+    def close(self) -> None:
+        """Stop the worker threads (after the running forward passes)."""
+        with self._executors_lock:
+            pools, self._executors = list(self._executors.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def answer(output: BatchOutput, *, probabilities: bool) -> dict[str, Any]:
+    """The JSON of a predict answer from one request's outputs; InputError for a sequence
+    whose outputs are not finite."""
+    for i, finite in enumerate(output.finite):
+        if not finite:
+            raise InputError(f"inputs.{i}", NON_FINITE_OUTPUT)
+    result: dict[str, Any] = {"predictions": output.predictions}
+    if probabilities:
+        result["probabilities"] = output.probabilities
+    return result
+
 
 def validate_inputs(
     inputs: Sequence[Any],
-    info: Mapping[str, Any],
+    info: TaskInfo,
     *,
     max_sequences: int,
     max_length: int,
 ) -> None:
-    """Check ``inputs`` against a model's ``info``; raise InputError naming the culprit.
-
-    Token models (``input_kind`` ``tokens``) take lists of ints in ``[0, vocab_size)``, and text
-    models also strings of vocabulary characters; feature models take lists of ``input_size``
-    finite numbers per step (plain numbers when ``input_size`` is 1).
-    """
-    if len(inputs) > max_sequences:
-        raise InputError("inputs", f"expected at most {max_sequences} sequences, got {len(inputs)}")
-    tokens = info.get("input_kind") == "tokens"
-    for i, sequence in enumerate(inputs):
-        where = f"inputs.{i}"
-        if len(sequence) == 0:
-            raise InputError(where, "expected at least one step, got an empty sequence")
-        if len(sequence) > max_length:
-            raise InputError(where, f"expected at most {max_length} steps, got {len(sequence)}")
-        if tokens and isinstance(sequence, str):
-            _check_text(sequence, where, info.get("vocabulary"))
-        elif tokens:
-            _check_tokens(sequence, where, int(info["vocab_size"]))
-        else:
-            _check_features(sequence, where, int(info["input_size"]))
-
-
-def _check_text(text: str, where: str, vocabulary: Sequence[str] | None) -> None:
-    if not vocabulary:
-        raise InputError(where, "expected a list of tokens: only text models take strings")
-    known = set(vocabulary)
-    for j, char in enumerate(text):
-        if char not in known:
-            raise InputError(f"{where}.{j}", f"character {char!r} is not in the model's vocabulary")
-
-
-def _check_tokens(sequence: Sequence[Any], where: str, vocab_size: int) -> None:
-    for j, token in enumerate(sequence):
-        if isinstance(token, bool) or not isinstance(token, int):
+    """The service's limits (``KRU_MAX_SEQUENCES_PER_REQUEST``, ``KRU_MAX_SEQUENCE_LENGTH``),
+    then kru_core's checks of every value (:func:`kru_core.inference.check_inputs`); raise
+    InputError naming the culprit."""
+    if isinstance(inputs, (list, tuple)):
+        if len(inputs) > max_sequences:
             raise InputError(
-                f"{where}.{j}",
-                f"expected a token (an integer in [0, {vocab_size - 1}]), got {token!r}: this "
-                "model takes lists of tokens",
+                "inputs", f"expected at most {max_sequences} sequences, got {len(inputs)}"
             )
-        if not 0 <= token < vocab_size:
-            raise InputError(
-                f"{where}.{j}", f"expected a token in [0, {vocab_size - 1}], got {token}"
-            )
-
-
-def _check_features(sequence: Sequence[Any], where: str, input_size: int) -> None:
-    if isinstance(sequence, str):
-        raise InputError(where, "expected a list of feature vectors: only text models take strings")
-    for j, step in enumerate(sequence):
-        vector = [step] if input_size == 1 and not isinstance(step, (list, tuple)) else step
-        if not isinstance(vector, (list, tuple)):
-            raise InputError(
-                f"{where}.{j}",
-                f"expected a feature vector (a list of {input_size} numbers), got {step!r}: this "
-                "model takes lists of feature vectors",
-            )
-        if len(vector) != input_size:
-            raise InputError(
-                f"{where}.{j}", f"expected {input_size} features per step, got {len(vector)}"
-            )
-        for k, value in enumerate(vector):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InputError(f"{where}.{j}.{k}", f"expected a number, got {value!r}")
-            if not math.isfinite(value):
-                raise InputError(f"{where}.{j}.{k}", f"expected a finite number, got {value}")
+        for i, sequence in enumerate(inputs):
+            if isinstance(sequence, (list, tuple, str)) and len(sequence) > max_length:
+                raise InputError(
+                    f"inputs.{i}", f"expected at most {max_length} steps, got {len(sequence)}"
+                )
+    check_inputs(inputs, info)
 
 
 def validate_prompt(
@@ -249,3 +652,56 @@ def validate_prompt(
             raise InputError(
                 f"prompt.{position}", f"character {char!r} is not in the model's vocabulary"
             )
+
+
+def install_error_handlers(app: Any) -> None:
+    """Map the predictor's errors to HTTP on ``app``: ``503`` with ``Retry-After`` (queue
+    full), ``429`` with ``Retry-After`` (``KRU_MAX_SESSIONS``), ``504`` (deadline), ``499``
+    (client gone; nobody reads it), ``500`` naming the failed forward pass; all in the
+    documented error shape."""
+    from fastapi.responses import JSONResponse, Response
+
+    from app.errors import error_body
+
+    async def overloaded(request: Any, exc: Overloaded) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.detail), status_code=503, headers={"Retry-After": str(exc.retry_after)}
+        )
+
+    async def deadline(request: Any, exc: DeadlineExceeded) -> JSONResponse:
+        return JSONResponse(error_body(exc.detail), status_code=504)
+
+    async def gone(request: Any, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)
+
+    async def failed(request: Any, exc: BatchFailed) -> JSONResponse:
+        return JSONResponse(error_body(exc.detail), status_code=500)
+
+    from app.sessions import TooManySessions
+
+    async def too_many(request: Any, exc: TooManySessions) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.detail), status_code=429, headers={"Retry-After": str(exc.retry_after)}
+        )
+
+    app.add_exception_handler(TooManySessions, too_many)
+    app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(DeadlineExceeded, deadline)
+    app.add_exception_handler(ClientDisconnected, gone)
+    app.add_exception_handler(BatchFailed, failed)
+
+
+def disconnect_waiter(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> Callable[[], Any]:
+    """An awaitable factory that returns once the client has hung up.
+
+    ``receive`` is the request's ASGI receive after its body was read: the server's next message
+    is ``http.disconnect`` (the client closed the connection, or the response was sent).
+    """
+
+    async def wait() -> None:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+        await asyncio.Event().wait()  # more body: no disconnect to expect this way
+
+    return wait

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from kru_core.config import (
+    DEVICE_PATTERN,
+    LOG_POINTS,
+    MAX_FACTOR_SIZE,
+    RANGES,
     Activation,
+    Backend,
     CellKind,
     JobConfig,
     LrSchedule,
@@ -25,7 +30,12 @@ from kru_core.config import (
     TaskKind,
     TrainConfig,
 )
+from worker.ids import ID_PATTERN
+from worker.service import MAX_PAGE
 from worker.views import JobStatus
+
+#: The item type of a :class:`Page`.
+Item = TypeVar("Item")
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -44,6 +54,23 @@ def _integral_float_to_int(value: Any) -> Any:
 # An integer in strict request models: strings and fractional numbers are refused, ``2.0`` passes.
 JsonInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
 JsonPositiveInt = Annotated[JsonInt, Field(gt=0)]
+
+
+def _bounded_int(**bounds: float) -> Any:
+    """``JsonInt`` with bounds, for an Optional field: bounds on ``JsonInt | None`` would be
+    documented as ``ge``/``le`` instead of JSON Schema's ``minimum``/``maximum`` (pydantic), so
+    they go inside, before the validator."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral_float_to_int)]
+
+
+_SECTIONS = {TaskConfig: "task", ModelConfig: "model", TrainConfig: "train"}
+
+
+def _field(cls: type, name: str, **kwargs: Any) -> Any:
+    """A ``Field`` with the default of ``cls.name`` and its range from
+    :data:`kru_core.config.RANGES` (``kwargs`` add to them or narrow them, e.g. ``le``)."""
+    bounds = RANGES[f"{_SECTIONS[cls]}.{name}"].bounds()
+    return Field(_default(cls, name), **(bounds | kwargs))
 
 
 def _default(cls: type, name: str) -> Any:
@@ -65,26 +92,18 @@ class TaskSpec(BaseModel):
         description="copy memory, adding, (permuted) pixel MNIST, a user JSONL dataset, or a "
         "character-level language model on a text upload",
     )
-    delay: JsonInt = Field(
-        _default(TaskConfig, "delay"), ge=1, le=10_000, description="copy: blanks before recall"
-    )
-    length: JsonInt = Field(
-        _default(TaskConfig, "length"), ge=2, le=10_000, description="adding: sequence length"
-    )
+    delay: JsonInt = _field(TaskConfig, "delay", description="copy: blanks before recall")
+    length: JsonInt = _field(TaskConfig, "length", description="adding: sequence length")
     permuted: bool = Field(
         _default(TaskConfig, "permuted"), description="mnist: one fixed, seeded permutation"
     )
     dataset_id: str | None = Field(
         _default(TaskConfig, "dataset_id"),
-        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        pattern=f"^{ID_PATTERN}$",
         description="dataset and text tasks: the id returned by POST /v1/datasets",
     )
-    seq_len: JsonInt = Field(
-        _default(TaskConfig, "seq_len"), ge=2, le=10_000, description="text: window length"
-    )
-    eval_size: JsonInt = Field(
-        _default(TaskConfig, "eval_size"), ge=1, le=100_000, description="held-out examples"
-    )
+    seq_len: JsonInt = _field(TaskConfig, "seq_len", description="text: window length")
+    eval_size: JsonInt = _field(TaskConfig, "eval_size", description="held-out examples")
 
 
 FactorPair = Annotated[list[JsonPositiveInt], Field(min_length=2, max_length=2)]
@@ -98,7 +117,7 @@ class ModelSpec(BaseModel):
     cell: CellKind = Field(
         _default(ModelConfig, "cell"), description="KRU, KRU-LSTM, or the RNN / LSTM baselines"
     )
-    hidden_size: JsonInt = Field(_default(ModelConfig, "hidden_size"), ge=1, le=8192)
+    hidden_size: JsonInt = _field(ModelConfig, "hidden_size")
     factors: list[JsonPositiveInt | FactorPair] | None = Field(
         _default(ModelConfig, "factors"),
         min_length=1,
@@ -106,6 +125,14 @@ class ModelSpec(BaseModel):
     )
     complex: bool = Field(_default(ModelConfig, "complex"), description="complex factors")
     activation: Activation = Field(_default(ModelConfig, "activation"))
+    backend: Backend = Field(
+        _default(ModelConfig, "backend"),
+        description="implementation of the KRU recurrence (auto: the fastest for the device)",
+    )
+    allow_dense_factors: bool = Field(
+        _default(ModelConfig, "allow_dense_factors"),
+        description=f"accept Kronecker factors with a side above {MAX_FACTOR_SIZE}",
+    )
 
 
 class TrainSpec(BaseModel):
@@ -113,32 +140,41 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    steps: JsonInt = Field(_default(TrainConfig, "steps"), ge=1, le=10_000_000)
-    batch_size: JsonInt = Field(_default(TrainConfig, "batch_size"), ge=1, le=4096)
+    steps: JsonInt = _field(TrainConfig, "steps")
+    batch_size: JsonInt = _field(TrainConfig, "batch_size")
     optimizer: OptimizerKind = Field(_default(TrainConfig, "optimizer"))
-    lr: float = Field(_default(TrainConfig, "lr"), gt=0, le=10)
-    factor_lr: float | None = Field(
-        _default(TrainConfig, "factor_lr"),
-        gt=0,
-        le=10,
+    lr: float = _field(TrainConfig, "lr")
+    factor_lr: float | None = _field(
+        TrainConfig,
+        "factor_lr",
         description="null: lr * min(1, 100 / T) for sequences of T steps",
     )
     lr_schedule: LrSchedule = Field(
         _default(TrainConfig, "lr_schedule"),
         description="constant, or cosine: both learning rates decay towards 0 at the last step",
     )
-    unitary_penalty: float = Field(_default(TrainConfig, "unitary_penalty"), ge=0, le=1e6)
-    clip_grad_norm: float | None = Field(_default(TrainConfig, "clip_grad_norm"), gt=0)
-    eval_every: JsonInt = Field(_default(TrainConfig, "eval_every"), ge=1)
-    checkpoint_every: JsonInt = Field(_default(TrainConfig, "checkpoint_every"), ge=1)
-    seed: JsonInt = Field(_default(TrainConfig, "seed"), ge=0, le=MAX_JSON_INT)
+    unitary_penalty: float = _field(TrainConfig, "unitary_penalty")
+    clip_grad_norm: float | None = _field(TrainConfig, "clip_grad_norm")
+    eval_every: JsonInt = _field(TrainConfig, "eval_every")
+    checkpoint_every: JsonInt = _field(TrainConfig, "checkpoint_every")
+    log_every: _bounded_int(**RANGES["train.log_every"].bounds()) | None = Field(
+        _default(TrainConfig, "log_every"),
+        description=f"steps between recorded training metrics; null: about {LOG_POINTS} a run",
+    )
+    seed: JsonInt = _field(TrainConfig, "seed", le=MAX_JSON_INT)
     device: str = Field(
         _default(TrainConfig, "device"),
-        pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$",
+        pattern=DEVICE_PATTERN,
         description="auto, cpu, cuda or cuda:N",
     )
-    max_seconds: float | None = Field(
-        _default(TrainConfig, "max_seconds"), gt=0, description="wall-clock limit of the run"
+    max_seconds: float | None = _field(
+        TrainConfig,
+        "max_seconds",
+        description="wall-clock limit of the run; a run it stops ends failed, without a model",
+    )
+    keep_model_on_timeout: bool = Field(
+        _default(TrainConfig, "keep_model_on_timeout"),
+        description="a run stopped by max_seconds ends succeeded with the model it has",
     )
 
 
@@ -184,7 +220,7 @@ class PageQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    limit: int = Field(50, ge=1, le=500, description="items per page")
+    limit: int = Field(50, ge=1, le=MAX_PAGE, description="items per page")
     offset: int = Field(0, ge=0, le=1_000_000_000, description="items to skip")
 
 
@@ -253,15 +289,19 @@ class Job(BaseModel):
     cancel_requested: bool = Field(description="a cancel was asked; the worker is stopping")
 
 
-class JobList(BaseModel):
-    """A page of jobs, newest first."""
+class Page(BaseModel, Generic[Item]):
+    """A page of a list, newest first: ``items`` from ``offset``, ``total`` over all pages."""
 
     model_config = ConfigDict(from_attributes=True)
 
-    items: list[Job]
-    total: int = Field(description="jobs matching the filter, all pages")
+    items: list[Item]
+    total: int = Field(description="items matching the filter, all pages")
     limit: int
     offset: int
+
+
+class JobList(Page[Job]):
+    """A page of jobs, newest first."""
 
 
 class MetricPoint(BaseModel):
@@ -322,15 +362,8 @@ class Dataset(BaseModel):
     created_at: datetime
 
 
-class DatasetList(BaseModel):
+class DatasetList(Page[Dataset]):
     """A page of datasets, newest first."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    items: list[Dataset]
-    total: int
-    limit: int
-    offset: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,15 +408,8 @@ class Model(BaseModel):
     created_at: datetime
 
 
-class ModelList(BaseModel):
+class ModelList(Page[Model]):
     """A page of models, newest first."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    items: list[Model]
-    total: int
-    limit: int
-    offset: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +438,18 @@ class PredictRequest(BaseModel):
         },
     )
 
-    inputs: list[NumberSequence | FeatureSequence | TextSequence] = Field(
+    inputs: Annotated[
+        list[Annotated[list[Any], Field(min_length=1)] | TextSequence],
+        # Documented as the shapes models take; accepted as any lists, so that a bad step is
+        # one error from the predictor, which knows the model ("inputs.0.1: expected a token
+        # ..."), instead of one per member of the union.
+        WithJsonSchema(
+            {
+                **TypeAdapter(list[NumberSequence | FeatureSequence | TextSequence]).json_schema(),
+                "minItems": 1,
+            }
+        ),
+    ] = Field(
         min_length=1,
         description="one entry per sequence: a list of tokens (ints) for token tasks (copy, "
         "token datasets, text), a string for text models, or a list of feature vectors (lists "
@@ -460,7 +497,9 @@ class GenerateRequest(BaseModel):
     )
     max_new_tokens: JsonInt = Field(100, ge=1, description="characters to generate")
     temperature: float = Field(1.0, ge=0, le=100, description="0: greedy")
-    seed: JsonInt | None = Field(None, ge=0, le=MAX_JSON_INT, description="null: a random seed")
+    seed: _bounded_int(ge=0, le=MAX_JSON_INT) | None = Field(
+        None, description="null: a random seed"
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -513,7 +552,12 @@ class ErrorResponse(BaseModel):
 
     detail: str
     field: str | None = None
-    errors: list[ErrorItem] | None = None
+    errors: list[ErrorItem] | None = Field(
+        None, description="every problem found, the first 100 of them when there are more"
+    )
+    errors_total: int | None = Field(
+        None, description="how many problems there were, when errors lists only the first 100"
+    )
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -525,6 +569,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         409: "Conflict with the resource's state",
         413: "Request body too large",
         422: "Invalid input",
+        429: "Over a quota of the API key (Retry-After: when it frees)",
+        507: "The server's disk is too full for the upload",
         503: "Not ready",
     }
     return {code: {"model": ErrorResponse, "description": texts[code]} for code in codes}

@@ -42,8 +42,9 @@ sys.path.insert(0, str(REPO))
 
 from kru_core.config import JobConfig  # noqa: E402
 from kru_core.errors import TrainingError  # noqa: E402
+from kru_core.models import build_model  # noqa: E402
 from kru_core.tasks import build_task  # noqa: E402
-from kru_core.training import Progress, build_model, evaluate, train  # noqa: E402
+from kru_core.training import Progress, evaluate, train  # noqa: E402
 
 
 def markers(block: str | None) -> tuple[str, str]:
@@ -96,7 +97,7 @@ SCALES = {
 #: recurrent parameters); LSTM n=128 as in its baseline row; RNN n=128 (no paper row).
 MNIST_HIDDEN = {"kru": 512, "kru_lstm": 128, "rnn": 128, "lstm": 128}
 
-#: What the paper reports (paper.md section 6), by experiment.
+#: What the paper reports (docs/paper.md section 6), by experiment.
 PAPER = {
     "copy": {
         "kru": "T=1000: below baseline by ~300 steps, ≈0 by ~2000; T=2000: ≈0 by ~1500",

@@ -1,6 +1,6 @@
 """Nonlinearities for (complex) recurrent states, with hand-written backward passes.
 
-The paper does not say which nonlinearity KRU uses on complex states (``paper.md`` 1.4, [NR]);
+The paper does not say which nonlinearity KRU uses on complex states (``docs/paper.md`` 1.4, [NR]);
 both candidates are here, behind the ``activation`` argument of :class:`kru_core.KRU`:
 
 * ``"modrelu"`` (uRNN's): ``sigma(z) = relu(|z| + b) * z / (|z| + eps)`` with a learned real bias

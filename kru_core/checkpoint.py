@@ -114,6 +114,11 @@ class CheckpointStore:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def latest_step(self) -> int:
+        """The step of the latest checkpoint; 0 when there is none."""
+        latest = self.latest()
+        return 0 if latest is None else step_of(latest)
+
     def save(
         self,
         *,
@@ -190,6 +195,14 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(".old-step-*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def step_of(path: str | Path) -> int:
+    """The step of a checkpoint directory ``step-000000200`` (200), from its name."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path}: not a checkpoint directory (step-NNNNNNNNN)")
+    return int(match.group(1))
 
 
 def load_checkpoint(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,32 +32,86 @@ CellKind = Literal["kru", "kru_lstm", "rnn", "lstm"]
 Activation = Literal["auto", "modrelu", "split_relu", "tanh", "identity"]
 OptimizerKind = Literal["rmsprop", "adam"]
 LrSchedule = Literal["constant", "cosine"]
+#: ``kru_core.recurrence.BACKENDS`` (a test checks they agree; the config module imports no torch).
+Backend = Literal["auto", "eager", "cpu", "triton"]
 
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
 CELL_KINDS: tuple[str, ...] = typing.get_args(CellKind)
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerKind)
 LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrSchedule)
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
+
+#: Device names a job (``train.device``) or a worker (``KRU_DEVICE``) may give; the request
+#: schema uses the pattern, the config and the settings :func:`check_device_name`.
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"
 
 
-def _check_range(
-    path: str,
-    value: float | int | None,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-) -> None:
+def check_device_name(name: str) -> str | None:
+    """``None`` when ``name`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; else the message."""
+    if re.fullmatch(DEVICE_PATTERN, name):
+        return None
+    return f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"
+
+
+#: The largest Kronecker factor side accepted unless ``model.allow_dense_factors``: the paper's
+#: factors are 2 to a few dozen; one factor the size of N is a dense RNN in disguise.
+MAX_FACTOR_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of one numeric config field (``None``: unbounded on that side)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def bounds(self) -> dict[str, float]:
+        """The bounds that are set, as keyword arguments (``pydantic.Field(**r.bounds())``)."""
+        return {
+            k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None
+        }
+
+
+#: The smallest ``train.max_seconds``: a shorter limit stops a run before its first steps.
+MIN_MAX_SECONDS = 1.0
+
+#: The one home of the config's numeric ranges, by dotted field path; the API's request schemas
+#: (``app/schemas.py``) derive theirs from it.
+RANGES: dict[str, Range] = {
+    "task.delay": Range(ge=1, le=10_000),
+    "task.length": Range(ge=2, le=10_000),
+    "task.seq_len": Range(ge=2, le=10_000),
+    "task.eval_size": Range(ge=1, le=100_000),
+    "model.hidden_size": Range(ge=1, le=8192),
+    "train.steps": Range(ge=1, le=10_000_000),
+    "train.batch_size": Range(ge=1, le=4096),
+    "train.lr": Range(gt=0, le=10),
+    "train.factor_lr": Range(gt=0, le=10),
+    "train.unitary_penalty": Range(ge=0, le=1e6),
+    "train.clip_grad_norm": Range(gt=0),
+    "train.eval_every": Range(ge=1),
+    "train.checkpoint_every": Range(ge=1),
+    "train.log_every": Range(ge=1),
+    "train.seed": Range(ge=0, le=2**63 - 1),
+    "train.max_seconds": Range(ge=MIN_MAX_SECONDS),
+}
+
+
+def _check_range(path: str, value: float | int | None) -> None:
+    """Refuse ``value`` outside ``RANGES[path]`` (or not finite) with a :class:`ConfigError`."""
     if value is None:
         return
+    bounds = RANGES[path]
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(path, f"expected a finite number, got {value}")
-    if ge is not None and value < ge:
-        raise ConfigError(path, f"expected a value >= {ge}, got {value}")
-    if gt is not None and value <= gt:
-        raise ConfigError(path, f"expected a value > {gt}, got {value}")
-    if le is not None and value > le:
-        raise ConfigError(path, f"expected a value <= {le}, got {value}")
+    if bounds.ge is not None and value < bounds.ge:
+        raise ConfigError(path, f"expected a value >= {bounds.ge}, got {value}")
+    if bounds.gt is not None and value <= bounds.gt:
+        raise ConfigError(path, f"expected a value > {bounds.gt}, got {value}")
+    if bounds.le is not None and value > bounds.le:
+        raise ConfigError(path, f"expected a value <= {bounds.le}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -86,12 +141,20 @@ class TaskConfig:
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ConfigError("task.kind", f"expected one of {list(TASK_KINDS)}, got {self.kind!r}")
-        _check_range("task.delay", self.delay, ge=1, le=10_000)
-        _check_range("task.length", self.length, ge=2, le=10_000)
-        _check_range("task.seq_len", self.seq_len, ge=2, le=10_000)
-        _check_range("task.eval_size", self.eval_size, ge=1, le=100_000)
+        _check_range("task.delay", self.delay)
+        _check_range("task.length", self.length)
+        _check_range("task.seq_len", self.seq_len)
+        _check_range("task.eval_size", self.eval_size)
         if self.kind in ("dataset", "text") and not self.dataset_id:
             raise ConfigError("task.dataset_id", f"required for task kind {self.kind!r}")
+
+
+def dense_factor_message(factor: object) -> str:
+    """Why a factor above :data:`MAX_FACTOR_SIZE` is refused (config and admission alike)."""
+    return (
+        f"expected factor sizes of at most {MAX_FACTOR_SIZE}, got {factor}: a factor that "
+        "large is close to a dense RNN (set model.allow_dense_factors: true to train it anyway)"
+    )
 
 
 @dataclass(frozen=True)
@@ -108,6 +171,12 @@ class ModelConfig:
         activation: ``modrelu``, ``split_relu``, ``tanh`` (real only), ``identity``, or
             ``auto``: the measured choice for the task (``docs/results.md``): ``split_relu``
             for ``adding``, ``modrelu`` for everything else.
+        backend: which implementation runs the KRU recurrence: ``auto`` (the fastest measured
+            one for the device), ``eager`` (PyTorch ops, the reference), ``cpu`` (the compiled
+            C++ operator) or ``triton`` (the GPU kernel); an unavailable one falls back to
+            ``eager`` with a log line. Checkpoints do not depend on it.
+        allow_dense_factors: accept factors with a side above :data:`MAX_FACTOR_SIZE` (the
+            service also refuses a default factorization with one, e.g. a prime hidden size).
     """
 
     cell: CellKind = "kru"
@@ -115,6 +184,8 @@ class ModelConfig:
     factors: tuple[int | tuple[int, int], ...] | None = None
     complex: bool = True
     activation: Activation = "auto"
+    backend: Backend = "auto"
+    allow_dense_factors: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in CELL_KINDS:
@@ -125,7 +196,11 @@ class ModelConfig:
             raise ConfigError(
                 "model.activation", f"expected one of {list(ACTIVATIONS)}, got {self.activation!r}"
             )
-        _check_range("model.hidden_size", self.hidden_size, ge=1, le=8192)
+        if self.backend not in BACKENDS:
+            raise ConfigError(
+                "model.backend", f"expected one of {list(BACKENDS)}, got {self.backend!r}"
+            )
+        _check_range("model.hidden_size", self.hidden_size)
         if self.factors is not None:
             self._check_factors()
         if self.cell == "kru" and self.complex and self.activation == "tanh":
@@ -144,6 +219,8 @@ class ModelConfig:
             p, q = f if isinstance(f, tuple) else (f, f)
             if p < 1 or q < 1:
                 raise ConfigError(f"model.factors.{i}", f"expected positive sizes, got {f}")
+            if max(p, q) > MAX_FACTOR_SIZE and not self.allow_dense_factors:
+                raise ConfigError(f"model.factors.{i}", dense_factor_message(f))
             rows, cols = rows * p, cols * q
         if rows != self.hidden_size or cols != self.hidden_size:
             raise ConfigError(
@@ -151,6 +228,10 @@ class ModelConfig:
                 f"expected factor sizes whose products equal hidden_size {self.hidden_size}, "
                 f"got {rows} x {cols}",
             )
+
+
+#: About how many training-metric points a run records when ``train.log_every`` is not set.
+LOG_POINTS = 250
 
 
 @dataclass(frozen=True)
@@ -172,9 +253,15 @@ class TrainConfig:
         clip_grad_norm: clip the global gradient norm to this value (``None``: no clipping).
         eval_every: evaluate on held-out data every this many steps.
         checkpoint_every: save a checkpoint every this many steps (and always at the end).
+        log_every: record the training metrics every this many steps (and at the last one);
+            ``None``: :meth:`log_interval`'s default, about :data:`LOG_POINTS` points a run.
         seed: seeds data, initialisation and sampling.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        max_seconds: wall-clock limit of the run (``None``: no limit).
+        max_seconds: wall-clock limit of the run (``None``: no limit), at least
+            :data:`MIN_MAX_SECONDS`. A run it stops ends ``failed`` in the service, with no
+            model registered, unless ``keep_model_on_timeout``.
+        keep_model_on_timeout: a run stopped by its own ``max_seconds`` after at least one step
+            ends ``succeeded`` with the model it has (an anytime run); default false.
     """
 
     steps: int = 2000
@@ -187,9 +274,11 @@ class TrainConfig:
     clip_grad_norm: float | None = 1.0
     eval_every: int = 100
     checkpoint_every: int = 200
+    log_every: int | None = None
     seed: int = 0
     device: str = "auto"
     max_seconds: float | None = None
+    keep_model_on_timeout: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -201,21 +290,24 @@ class TrainConfig:
                 "train.lr_schedule",
                 f"expected one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}",
             )
-        _check_range("train.steps", self.steps, ge=1, le=10_000_000)
-        _check_range("train.batch_size", self.batch_size, ge=1, le=4096)
-        _check_range("train.lr", self.lr, gt=0, le=10)
-        _check_range("train.factor_lr", self.factor_lr, gt=0, le=10)
-        _check_range("train.unitary_penalty", self.unitary_penalty, ge=0, le=1e6)
-        _check_range("train.clip_grad_norm", self.clip_grad_norm, gt=0)
-        _check_range("train.eval_every", self.eval_every, ge=1)
-        _check_range("train.checkpoint_every", self.checkpoint_every, ge=1)
-        _check_range("train.seed", self.seed, ge=0, le=2**63 - 1)
-        _check_range("train.max_seconds", self.max_seconds, gt=0)
-        d = self.device
-        if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ConfigError(
-                "train.device", f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {d!r}"
-            )
+        _check_range("train.steps", self.steps)
+        _check_range("train.batch_size", self.batch_size)
+        _check_range("train.lr", self.lr)
+        _check_range("train.factor_lr", self.factor_lr)
+        _check_range("train.unitary_penalty", self.unitary_penalty)
+        _check_range("train.clip_grad_norm", self.clip_grad_norm)
+        _check_range("train.eval_every", self.eval_every)
+        _check_range("train.checkpoint_every", self.checkpoint_every)
+        _check_range("train.log_every", self.log_every)
+        _check_range("train.seed", self.seed)
+        _check_range("train.max_seconds", self.max_seconds)
+        if (problem := check_device_name(self.device)) is not None:
+            raise ConfigError("train.device", problem)
+
+    def log_interval(self) -> int:
+        """Steps between recorded training metrics: ``log_every``, or ``steps // LOG_POINTS``
+        (at least 1) when it is not set."""
+        return self.log_every or max(1, self.steps // LOG_POINTS)
 
 
 @dataclass(frozen=True)

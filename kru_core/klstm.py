@@ -33,6 +33,7 @@ from .kron import (
 )
 from .kron import unitary_penalty as _unitary_penalty
 from .kru import check_positive_int, random_unitary_, resolve_dtypes
+from .recurrence import check_backend, fallback_to_eager
 
 __all__ = ["KLSTM"]
 
@@ -53,6 +54,10 @@ class KLSTM(nn.Module):
         bias: whether the gates have a bias ``b`` (``4 * hidden_size`` reals).
         batch_first: ``(B, T, *)`` inputs and outputs if ``True``, else ``(T, B, *)``.
         strategy, merge: execution of the recurrent products, as for :class:`~kru_core.KRU`.
+        backend: accepted for symmetry with :class:`~kru_core.KRU` (``"auto"``, ``"eager"``,
+            ``"cpu"``, ``"triton"``): the compiled backends cover the KRU recurrence
+            ``h_t = act(W h_{t-1} + u_t)``, not the LSTM cell, so every value runs the eager
+            loop (``"cpu"`` or ``"triton"`` say so in one log line).
         device, dtype: factory kwargs (real dtype).
 
     Inputs: x, hx, lengths
@@ -90,10 +95,14 @@ class KLSTM(nn.Module):
         batch_first: bool = True,
         strategy: str = "auto",
         merge: Sequence[int] | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.backend = check_backend(backend)
+        if backend not in ("auto", "eager"):
+            fallback_to_eager(backend, backend, "it does not cover the KRU-LSTM cell")
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         if complex is not False:

@@ -5,7 +5,7 @@ materialised by :func:`kron_matvec`: the state is viewed as a tensor with one ax
 each factor is applied to its axis by a ``matmul`` on a reshaped view (paper section 3.1).
 
 For a recurrence, applying nine tiny 2×2 factors per time step is dominated by per-op overhead
-(``docs/speed.md`` 3.2). A :class:`KronPlan` therefore decides, once per forward pass, how the
+(``docs/speed.md`` section 1). A :class:`KronPlan` therefore decides, once per forward pass, how the
 factors are *executed*:
 
 * ``"dense"``: ``W = torch.kron(W_0, ..., W_{F-1})`` is built once and each step is one GEMM;
@@ -46,7 +46,7 @@ __all__ = [
 STRATEGIES = ("auto", "dense", "merged", "factored")
 
 # Effective factors produced by the default merge are at most about this size per side: measured
-# on 2 CPU cores (docs/speed.md 3.2 and docs/benchmarks.md), 8-32 is the sweet spot between
+# on 2 CPU cores (docs/speed.md section 1 and docs/benchmarks.md), 8-32 is the sweet spot between
 # per-op overhead (many tiny factors) and wasted flops (one dense N×N matrix).
 _MERGE_TARGET_LOG2 = 5.0
 
@@ -342,7 +342,7 @@ def plan_recurrence(
     """Choose how to execute ``W h`` for a recurrence over a batch (see :class:`KronPlan`).
 
     The ``"auto"`` rule, from timings on 2 CPU cores (complex64, modReLU, fwd and fwd+bwd,
-    ``docs/benchmarks.md``) and ``docs/speed.md`` 5(ii) for CUDA:
+    ``docs/benchmarks.md``) and ``docs/speed.md`` section 4 for CUDA:
 
     * a single factor, or an explicit ``merge`` grouping: that grouping (``"merged"``);
     * CUDA: ``"dense"`` when ``N <= 2048`` (one cuBLAS GEMM per step beats several launches),

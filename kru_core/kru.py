@@ -4,7 +4,10 @@
     h_t = \\sigma(W h_{t-1} + U x_t + b), \\qquad
     W = W_0 \\otimes W_1 \\otimes \\cdots \\otimes W_{F-1}
 
-(paper eqs. 1 and 4). How the time loop runs (``docs/speed.md`` 5(i)):
+(paper eqs. 1 and 4). The layers choose a backend and an execution plan and call
+:func:`kru_core.recurrence.run_recurrence` (``backend=``: ``"auto"``, ``"eager"``, ``"cpu"``,
+``"triton"``; checkpoints do not depend on it). How the eager time loop runs
+(``docs/speed.md`` section 3):
 
 * the input term ``U x_t (+ b)`` for every step is one GEMM (or one embedding lookup for token
   inputs) before the loop;
@@ -16,12 +19,12 @@
   buffers, and the backward is a hand-written BPTT loop (the activation's derivative, then the
   adjoint factors), accumulating each effective factor's gradient with one GEMM per step; the
   gradients reach the original factors through ``torch.kron``'s autograd, once per pass.
-  ``speed.md`` 5(i).5; it is checked against the autograd loop and ``gradcheck`` in tests.
+  ``docs/speed.md`` section 3, item 3; it is checked against the autograd loop and
+  ``gradcheck`` in tests.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -29,13 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .activations import (
-    ACTIVATIONS,
-    MODRELU_EPS,
-    activation_backward,
-    apply_activation,
-    complex_abs,
-)
+from .activations import ACTIVATIONS, apply_activation
 from .kron import (
     STRATEGIES,
     KronPlan,
@@ -45,6 +42,7 @@ from .kron import (
     plan_recurrence,
 )
 from .kron import unitary_penalty as _unitary_penalty
+from .recurrence import check_backend, preferred_plan, resolve_backend, run_recurrence
 
 __all__ = ["KRU", "KRUCell"]
 
@@ -89,309 +87,6 @@ def random_unitary_(w: Tensor) -> Tensor:
     return w
 
 
-class _Chain:
-    """Precomputed views for applying a plan's matrices to ``(B, N)`` states step by step.
-
-    Factor ``k`` maps ``x_k`` (``(rows_k, Q_k, tr_k)``) to ``x_{k+1}`` (``(rows_k, P_k, tr_k)``)
-    with ``rows_k = B prod_{j<k} P_j`` and ``tr_k = prod_{j>k} Q_j`` (the last factor is one
-    GEMM). The fused recurrence writes every ``x_k`` straight into preallocated buffers (``out=``)
-    and accumulates factor gradients with one ``addmm``/``baddbmm`` per factor and step.
-    """
-
-    def __init__(self, mats: Sequence[Tensor], batch: int) -> None:
-        self.mats = list(mats)
-        self.k = len(mats)
-        self.rows: list[int] = []
-        self.trailing: list[int] = []
-        rows = batch
-        qs = [m.shape[1] for m in mats]
-        for k, m in enumerate(mats):
-            self.rows.append(rows)
-            self.trailing.append(math.prod(qs[k + 1 :]))
-            rows *= m.shape[0]
-
-    @functools.cached_property
-    def adjoint(self) -> list[Tensor]:
-        """``W_k^H`` without a lazy conjugation bit (BLAS gets plain operands)."""
-        return [m.mH.contiguous() for m in self.mats]
-
-    @functools.cached_property
-    def conj(self) -> list[Tensor]:
-        """``conj(W_k)``, materialised."""
-        return [m.conj().resolve_conj() for m in self.mats]
-
-    def step_buffers(self, steps: int | None, like: Tensor) -> list[Tensor]:
-        """Buffers for ``x_1 .. x_{K-1}`` (``(steps, size)`` each, or one step's if ``None``)."""
-        lead = () if steps is None else (steps,)
-        return [
-            torch.empty(
-                *lead,
-                self.rows[k] * self.mats[k].shape[1] * self.trailing[k],
-                dtype=like.dtype,
-                device=like.device,
-            )
-            for k in range(1, self.k)
-        ]
-
-    def sizes(self, k: int) -> tuple[int, int, int, int]:
-        p, q = self.mats[k].shape
-        return self.rows[k], p, q, self.trailing[k]
-
-    def forward_step(self, x: Tensor, u_t: Tensor, dests: Sequence[Tensor]) -> Tensor:
-        """Write ``x_1, ..., x_K = W x + u_t`` into ``dests`` (flat per-step buffers)."""
-        for k in range(self.k):
-            rows, p, q, tr = self.sizes(k)
-            dest = dests[k]
-            if k == self.k - 1:
-                torch.addmm(
-                    u_t.view(rows, p), x.view(rows, q), self.mats[k].mT, out=dest.view(rows, p)
-                )
-            else:
-                torch.matmul(self.mats[k], x.view(rows, q, tr), out=dest.view(rows, p, tr))
-            x = dest
-        return x
-
-    def backward_step(
-        self, g: Tensor, xs: Sequence[Tensor], accs: Sequence[Tensor], need_input: bool
-    ) -> Tensor | None:
-        """Accumulate factor gradients for one step; return the gradient for the step's input.
-
-        ``g`` is the gradient for ``x_K``; ``xs[k]`` is ``x_k`` as saved by the forward pass.
-        """
-        for k in range(self.k - 1, -1, -1):
-            rows, p, q, tr = self.sizes(k)
-            if tr == 1:
-                g2 = g.view(rows, p)
-                # conj(grad W_k) += g^H x_k: a plain GEMM on the natural layout.
-                torch.addmm(accs[k], g2.mH, xs[k].view(rows, q), out=accs[k])
-                if k == 0 and not need_input:
-                    return None
-                g = g2 @ self.conj[k]
-            else:
-                g3 = g.view(rows, p, tr)
-                # grad W_k += sum_r g_r x_r^H, summed over r after the loop.
-                torch.baddbmm(accs[k], g3, xs[k].view(rows, q, tr).mH, out=accs[k])
-                if k == 0 and not need_input:
-                    return None
-                g = self.adjoint[k] @ g3
-        return g.reshape(self.rows[0], -1)
-
-    def new_accumulators(self) -> list[Tensor]:
-        accs = []
-        for k, m in enumerate(self.mats):
-            rows, p, q, tr = self.sizes(k)
-            shape = (p, q) if tr == 1 else (rows, p, q)
-            accs.append(torch.zeros(shape, dtype=m.dtype, device=m.device))
-        return accs
-
-    def finish_grads(self, accs: Sequence[Tensor]) -> list[Tensor]:
-        out = []
-        for k, acc in enumerate(accs):
-            out.append(acc.conj().resolve_conj() if self.trailing[k] == 1 else acc.sum(0))
-        return out
-
-
-class _FusedRecurrence(torch.autograd.Function):
-    """``h_t = act(W h_{t-1} + u_t)`` for all t with a hand-written BPTT backward.
-
-    Inputs: activation name, ``u`` ``(T, B, N)`` (input term, additive bias included), ``h0``
-    ``(B, N)``, modReLU ``bias`` (real ``(N,)`` or ``None``), and the plan's effective matrices.
-    Output: all states ``(T, B, N)``. The forward keeps, per step, each factor's input and (for
-    modReLU) the pre-activation and two real coefficients of the derivative, so the backward
-    step is a handful of elementwise ops plus two matmuls per effective factor.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, activation: str, u: Tensor, h0: Tensor, bias: Tensor | None, *mats: Tensor
-    ):  # type: ignore[override]
-        steps, batch, _ = u.shape
-        chain = _Chain(mats, batch)
-        out = torch.empty_like(u)
-        # x_1 .. x_{K-1} for every step (the inputs of factors 1..K-1), then z (pre-activation).
-        inner = chain.step_buffers(steps, u)
-        zs = torch.empty_like(u)
-        modrelu = activation == "modrelu"
-        if modrelu:
-            scale = torch.empty(u.shape, dtype=h0.real.dtype, device=u.device)
-            coef = torch.empty_like(scale)
-            bgrad = torch.empty_like(scale)
-            eps_minus_b = MODRELU_EPS - (
-                bias if bias is not None else torch.zeros_like(scale[0, 0])
-            )
-            per_step = zip(scale.unbind(0), coef.unbind(0), bgrad.unbind(0), strict=True)
-        inner_steps = list(zip(*(buf.unbind(0) for buf in inner), strict=True)) or [()] * steps
-        h = h0
-        for t, (u_t, z_t, h_t) in enumerate(
-            zip(u.unbind(0), zs.unbind(0), out.unbind(0), strict=True)
-        ):
-            z = chain.forward_step(h, u_t, [*inner_steps[t], z_t])
-            if modrelu:
-                _modrelu_forward(z, bias, eps_minus_b, h_t, *next(per_step))
-            else:
-                h_t.copy_(apply_activation(activation, z, bias))
-            h = h_t
-        ctx.activation = activation
-        ctx.chain = chain
-        saved = [zs, out, h0, *inner]
-        if modrelu:
-            saved += [scale, coef, bgrad]
-        ctx.n_inner = len(inner)
-        ctx.save_for_backward(*saved)
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
-        zs, out, h0, *rest = ctx.saved_tensors
-        inner, rest = rest[: ctx.n_inner], rest[ctx.n_inner :]
-        chain: _Chain = ctx.chain
-        activation = ctx.activation
-        modrelu = activation == "modrelu"
-        steps = out.shape[0]
-        need_mats = any(ctx.needs_input_grad[4:])
-        accs = chain.new_accumulators()
-        grad_u = torch.empty_like(out)
-        grad_bias_rows = (
-            torch.zeros(out.shape[1:], dtype=h0.real.dtype, device=h0.device)
-            if (modrelu and ctx.has_bias)
-            else None
-        )
-        grad_h: Tensor | None = None
-        for t in range(steps - 1, -1, -1):
-            g = grad_out[t] if grad_h is None else grad_out[t] + grad_h
-            gz = grad_u[t]
-            if modrelu:
-                scale, coef, bgrad = rest
-                _modrelu_backward(zs[t], g, scale[t], coef[t], bgrad[t], gz, grad_bias_rows)
-            else:
-                gz.copy_(activation_backward(activation, zs[t], out[t], g, None)[0])
-            prev = out[t - 1] if t > 0 else h0
-            xs = [prev] + [buf[t] for buf in inner]
-            if need_mats:
-                grad_h = chain.backward_step(
-                    gz, xs, accs, need_input=t > 0 or ctx.needs_input_grad[2]
-                )
-            else:
-                grad_h = _apply_adjoint(chain, gz)
-        grad_bias = grad_bias_rows.sum(0) if grad_bias_rows is not None else None
-        grad_mats = chain.finish_grads(accs) if need_mats else [None] * chain.k
-        return (None, grad_u, grad_h, grad_bias, *grad_mats)
-
-
-def _apply_adjoint(chain: _Chain, g: Tensor) -> Tensor:
-    for k in range(chain.k - 1, -1, -1):
-        rows, p, _, tr = chain.sizes(k)
-        g = g.view(rows, p) @ chain.conj[k] if tr == 1 else chain.adjoint[k] @ g.view(rows, p, tr)
-    return g.reshape(chain.rows[0], -1)
-
-
-def _modrelu_forward(
-    z: Tensor,
-    bias: Tensor | None,
-    eps_minus_b: Tensor,
-    h: Tensor,
-    scale: Tensor,
-    coef: Tensor,
-    bgrad: Tensor,
-) -> None:
-    """modReLU into ``h`` plus what its backward needs (see ``activation_backward``):
-    ``scale = relu(r + b) / den``, ``coef = 1[r+b>0] (eps - b) / (den^2 r)``,
-    ``bgrad = 1[r+b>0] / den`` with ``r = |z|`` and ``den = r + eps``."""
-    r = complex_abs(z)
-    m = r + bias if bias is not None else r.clone()
-    active = m > 0
-    den = r + MODRELU_EPS
-    torch.div(m.relu_(), den, out=scale)
-    torch.mul(z, scale, out=h)
-    torch.div(active, den, out=bgrad)
-    torch.mul(bgrad, eps_minus_b, out=coef)
-    coef.div_(den.mul_(r.clamp_min_(torch.finfo(r.dtype).tiny)))
-
-
-def _modrelu_backward(
-    z: Tensor,
-    g: Tensor,
-    scale: Tensor,
-    coef: Tensor,
-    bgrad: Tensor,
-    grad_z: Tensor,
-    grad_bias_rows: Tensor | None,
-) -> None:
-    """``grad_z = g scale + z coef Re(conj(g) z)``; ``grad_b += Re(conj(g) z) bgrad``."""
-    proj = (g.conj() * z).real
-    torch.mul(g, scale, out=grad_z)
-    grad_z.add_(z * (coef * proj))
-    if grad_bias_rows is not None:
-        grad_bias_rows.addcmul_(proj, bgrad)
-
-
-def run_recurrence(
-    u: Tensor,
-    h0: Tensor,
-    mats: Sequence[Tensor],
-    *,
-    activation: str,
-    bias: Tensor | None,
-    fused: bool = True,
-) -> Tensor:
-    """All states of ``h_t = act(W h_{t-1} + u_t)``, ``(T, B, N)``, for effective matrices ``mats``.
-
-    With ``fused=True`` and gradients needed, one :class:`torch.autograd.Function` covers the
-    whole loop; otherwise a plain loop (recorded by autograd step by step when it needs to).
-    """
-    needs_grad = torch.is_grad_enabled() and (
-        u.requires_grad
-        or h0.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or any(m.requires_grad for m in mats)
-    )
-    h0 = h0.contiguous()
-    if fused and needs_grad:
-        return _FusedRecurrence.apply(activation, u.contiguous(), h0, bias, *mats)
-    if not needs_grad and all(m.dim() == 2 for m in mats):
-        return _inference_loop(u.contiguous(), h0, mats, activation=activation, bias=bias)
-    h = h0
-    outs = []
-    # unbind, not u[t]: one backward node for all steps instead of T full-size zero tensors.
-    for u_t in u.unbind(0):
-        h = apply_activation(activation, apply_kron_factors(h, mats, add=u_t), bias)
-        outs.append(h)
-    return torch.stack(outs)
-
-
-def _inference_loop(
-    u: Tensor, h0: Tensor, mats: Sequence[Tensor], *, activation: str, bias: Tensor | None
-) -> Tensor:
-    """The loop without autograd: every step writes into preallocated buffers (fewer ops and
-    allocations per step, which is what a batch of one is bound by)."""
-    _, batch, n = u.shape
-    chain = _Chain(mats, batch)
-    out = torch.empty_like(u)
-    dests = [*chain.step_buffers(None, u), torch.empty_like(u[0])]
-    z = dests[-1]
-    real_dtype = h0.real.dtype if h0.is_complex() else h0.dtype
-    r = torch.empty(batch, n, dtype=real_dtype, device=u.device)
-    m = torch.empty_like(r)
-    h = h0
-    for u_t, h_t in zip(u.unbind(0), out.unbind(0), strict=True):
-        chain.forward_step(h, u_t, dests)
-        if activation == "modrelu":
-            # relu(|z| + b) z / (|z| + eps), in place.
-            complex_abs(z, out=r)
-            if bias is not None:
-                torch.add(r, bias, out=m)
-            else:
-                m.copy_(r)
-            m.relu_().div_(r.add_(MODRELU_EPS))
-            torch.mul(z, m, out=h_t)
-        else:
-            h_t.copy_(apply_activation(activation, z, bias))
-        h = h_t
-    return out
-
-
 class _KRUBase(nn.Module):
     """Parameters and everything but the loop, shared by :class:`KRU` and :class:`KRUCell`."""
 
@@ -407,10 +102,12 @@ class _KRUBase(nn.Module):
         strategy: str = "auto",
         merge: Sequence[int] | None = None,
         fused: bool = True,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.backend = check_backend(backend)
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         if not isinstance(complex, bool):
@@ -433,7 +130,6 @@ class _KRUBase(nn.Module):
         self.merge = None if merge is None else tuple(merge)
         self.fused = bool(fused)
         real_dtype, state_dtype = resolve_dtypes(dtype, complex)
-        self.state_dtype = state_dtype
         kw = {"device": device, "dtype": state_dtype}
         self.recurrent_factors = nn.ParameterList(
             [nn.Parameter(torch.empty(p, q, **kw)) for p, q in self.factor_shapes]
@@ -504,10 +200,51 @@ class _KRUBase(nn.Module):
             s += f", merge={self.merge}"
         return s
 
+    # ------------------------------------------------------------------ dtype and device
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype of the state and of every step's arithmetic: the factors' dtype (it follows
+        ``.double()``, ``.to(...)``; fixed at construction it broke ``.double()``)."""
+        return self.recurrent_factors[0].dtype
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # ``Module.double()`` / ``.float()`` / ``.to(float64)`` convert floating tensors only
+        # (``.to`` would even drop the imaginary part of complex ones), which leaves a complex
+        # KRU with complex64 factors next to a float64 bias. Complex tensors here follow the
+        # precision that real tensors get; half precision has no usable complex dtype (no
+        # complex32 matmul), so complex tensors then keep theirs.
+        def convert(t: Tensor) -> Tensor:
+            if not t.is_complex():
+                return fn(t)
+            probe = fn(torch.empty(0, dtype=t.real.dtype, device=t.device))
+            if probe.dtype == t.real.dtype:
+                return fn(t)
+            keep = probe.dtype not in (torch.float32, torch.float64)
+            return t.to(device=probe.device, dtype=t.dtype if keep else probe.dtype.to_complex())
+
+        self._cache = None
+        return super()._apply(convert, recurse)
+
     # ------------------------------------------------------------------ execution
-    def plan(self, batch_size: int, device: torch.device | None = None) -> KronPlan:
-        """The :class:`~kru_core.kron.KronPlan` a forward pass over ``batch_size`` rows uses."""
+    def resolved_backend(self, device: torch.device | str | None = None) -> str:
+        """The backend a forward pass on ``device`` runs (``backend`` with ``"auto"`` and
+        fallbacks resolved, :func:`~kru_core.recurrence.resolve_backend`); ``"eager"`` when
+        ``fused=False`` (the reference loop)."""
         dev = device if device is not None else self.recurrent_factors[0].device
+        if not self.fused:
+            return "eager"
+        return resolve_backend(self.backend, dev)
+
+    def plan(
+        self, batch_size: int, device: torch.device | None = None, *, backend: str | None = None
+    ) -> KronPlan:
+        """The :class:`~kru_core.kron.KronPlan` a forward pass over ``batch_size`` rows uses
+        (with ``strategy="auto"``, the concrete ``backend``'s preferred plan if it has one)."""
+        dev = device if device is not None else self.recurrent_factors[0].device
+        if backend is not None and self.strategy == "auto" and self.merge is None:
+            preferred = preferred_plan(backend, self.factor_shapes, batch_size, dev)
+            if preferred is not None:
+                return preferred
         return plan_recurrence(
             self.factor_shapes,
             batch_size=batch_size,
@@ -582,7 +319,7 @@ class _KRUBase(nn.Module):
         # value in range, so the clamp is the identity for models trained here.
         if self.activation != "modrelu" or self.bias is None:
             return None
-        return self.bias.clamp(max=0.0)
+        return self.bias.clamp(max=0.0).to(self.state_dtype.to_real())
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -622,7 +359,14 @@ class KRU(_KRUBase):
             The result is the same up to rounding; parameters, counts and penalty are unaffected.
         merge: group sizes for ``"merged"``, e.g. ``(3, 3, 3)`` for nine factors into 8×8×8.
         fused: run the time loop as one autograd Function with a hand-written backward
-            (faster); ``False`` records every step with autograd (the reference path).
+            (faster); ``False`` records every step with autograd (the reference path, always
+            the ``"eager"`` backend).
+        backend: which implementation runs the time loop (:mod:`kru_core.recurrence`):
+            ``"auto"`` (the fastest measured one for the device: the compiled ``"cpu"``
+            operator on the CPU, ``"triton"`` on CUDA, each where available), ``"eager"``
+            (PyTorch ops, the reference), ``"cpu"`` or ``"triton"``. An unavailable backend
+            falls back to ``"eager"`` with one log line. Results agree up to rounding and
+            checkpoints do not depend on it.
         device, dtype: factory kwargs; ``dtype`` is the real dtype (or the complex one).
 
     Inputs: x, h0
@@ -663,6 +407,7 @@ class KRU(_KRUBase):
         strategy: str = "auto",
         merge: Sequence[int] | None = None,
         fused: bool = True,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -677,6 +422,7 @@ class KRU(_KRUBase):
             strategy=strategy,
             merge=merge,
             fused=fused,
+            backend=backend,
             device=device,
             dtype=dtype,
         )
@@ -692,13 +438,14 @@ class KRU(_KRUBase):
             raise ValueError("x: expected at least one time step, got 0")
         u = self.input_projection(time_major.contiguous() if tokens else time_major)
         h = self._initial_state(h0, batch, u, "h0")
-        plan = self.plan(batch, u.device)
+        backend = self.resolved_backend(u.device)
         out = run_recurrence(
             u,
             h,
-            self.effective_factors(plan),
+            self.effective_factors(self.plan(batch, u.device, backend=backend)),
             activation=self.activation,
             bias=self._modrelu_bias(),
+            backend=backend,
             fused=self.fused,
         )
         return (out.transpose(0, 1) if self.batch_first else out), out[-1]
@@ -713,8 +460,8 @@ class KRUCell(_KRUBase):
     between calls and rebuilt when a factor changes.
 
     Args:
-        input_size, hidden_size, factors, complex, activation, bias, strategy, merge, device,
-        dtype: as for :class:`KRU`.
+        input_size, hidden_size, factors, complex, activation, bias, strategy, merge, backend,
+        device, dtype: as for :class:`KRU`.
 
     Inputs: x, hx
         - **x**: ``(B, input_size)`` features or ``(B,)`` token ids.
@@ -746,6 +493,7 @@ class KRUCell(_KRUBase):
         bias: bool = True,
         strategy: str = "auto",
         merge: Sequence[int] | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -758,7 +506,8 @@ class KRUCell(_KRUBase):
             bias=bias,
             strategy=strategy,
             merge=merge,
-            fused=False,
+            fused=True,
+            backend=backend,
             device=device,
             dtype=dtype,
         )
@@ -775,6 +524,7 @@ class KRUCell(_KRUBase):
             bias=layer.bias is not None,
             strategy=layer.strategy,
             merge=layer.merge,
+            backend=layer.backend,
             device=layer.weight_ih.device,
             dtype=layer.state_dtype,
         )
@@ -790,6 +540,12 @@ class KRUCell(_KRUBase):
             raise ValueError(f"x: expected {want}, got shape {tuple(x.shape)}")
         u = self.input_projection(x)
         h = self._initial_state(hx, x.shape[0], u, "hx")
-        mats = self.effective_factors(self.plan(x.shape[0], u.device))
-        z = apply_kron_factors(h, mats, add=u)
-        return apply_activation(self.activation, z, self._modrelu_bias())
+        backend = self.resolved_backend(u.device)
+        mats = self.effective_factors(self.plan(x.shape[0], u.device, backend=backend))
+        if backend == "eager":
+            z = apply_kron_factors(h, mats, add=u)
+            return apply_activation(self.activation, z, self._modrelu_bias())
+        bias = self._modrelu_bias()
+        return run_recurrence(
+            u[None], h, mats, activation=self.activation, bias=bias, backend=backend
+        )[0]

@@ -15,13 +15,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .config import CELL_KINDS, ModelConfig
 from .klstm import KLSTM
 from .kru import KRU, check_positive_int, resolve_dtypes
+from .recurrence import check_backend
+from .tasks import TaskInfo
 
 __all__ = ["CELLS", "HEADS", "SequenceModel"]
 
 #: Recurrent cells: KRU, KRU-LSTM and the ``torch.nn`` baselines (tanh RNN, LSTM).
-CELLS = ("kru", "kru_lstm", "rnn", "lstm")
+CELLS = CELL_KINDS
 #: Readout heads: logits for every step, or for each sequence's last valid step.
 HEADS = ("per_step", "last")
 
@@ -56,6 +59,10 @@ class SequenceModel(nn.Module):
         complex: complex KRU (``kru`` only; the other cells are real and ignore it).
         activation: KRU nonlinearity (``kru`` only).
         strategy: KRU/KRU-LSTM execution strategy (see :func:`~kru_core.kron.plan_recurrence`).
+        backend: which implementation runs the KRU recurrence (:mod:`kru_core.recurrence`:
+            ``"auto"``, ``"eager"``, ``"cpu"``, ``"triton"``); ``kru`` and ``kru_lstm`` only (the
+            ``torch.nn`` baselines run PyTorch's own kernels and ignore it). It does not change
+            the parameters, so a checkpoint loads with any backend.
         device, dtype: factory kwargs; ``dtype`` is the real dtype (default float32, states then
             complex64).
 
@@ -97,6 +104,7 @@ class SequenceModel(nn.Module):
         complex: bool = True,
         activation: str = "modrelu",
         strategy: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -119,6 +127,7 @@ class SequenceModel(nn.Module):
         if factors is not None and cell in ("rnn", "lstm"):
             raise ValueError(f"factors: expected None for cell={cell!r}, got {factors!r}")
         self.cell = cell
+        self.backend = check_backend(backend)
         self.head = head
         self.vocab_size = vocab_size
         self.input_size = input_size
@@ -135,11 +144,18 @@ class SequenceModel(nn.Module):
                 activation=activation,
                 batch_first=True,
                 strategy=strategy,
+                backend=backend,
                 **kw,
             )
         elif cell == "kru_lstm":
             self.rnn = KLSTM(
-                in_dim, hidden_size, factors=factors, batch_first=True, strategy=strategy, **kw
+                in_dim,
+                hidden_size,
+                factors=factors,
+                batch_first=True,
+                strategy=strategy,
+                backend=backend,
+                **kw,
             )
         elif cell == "rnn":
             self.rnn = nn.RNN(in_dim, hidden_size, nonlinearity="tanh", batch_first=True, **kw)
@@ -259,3 +275,35 @@ class SequenceModel(nn.Module):
         out, state = self.rnn(packed, hx)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         return out, state
+
+
+def resolve_activation(model_config: ModelConfig, task_info: TaskInfo) -> str:
+    """``model.activation``, with ``auto`` resolved for the task: ``split_relu`` for ``adding``
+    (it learns the gating much faster), ``modrelu`` otherwise (split ReLU cannot hold the copy
+    task's memory); the runs that decided it are in ``docs/results.md``."""
+    if model_config.activation != "auto":
+        return model_config.activation
+    return "split_relu" if task_info.task_kind == "adding" else "modrelu"
+
+
+def build_model(
+    model_config: ModelConfig, task_info: TaskInfo, *, device: torch.device | str | None = None
+) -> SequenceModel:
+    """The :class:`~kru_core.models.SequenceModel` for a model config and a task."""
+    inputs: dict[str, Any] = (
+        {"vocab_size": task_info.vocab_size}
+        if task_info.input_kind == "tokens"
+        else {"input_size": task_info.input_size}
+    )
+    return SequenceModel(
+        cell=model_config.cell,
+        hidden_size=model_config.hidden_size,
+        output_size=task_info.output_size,
+        head=task_info.head,
+        factors=None if model_config.factors is None else list(model_config.factors),
+        complex=model_config.complex,
+        activation=resolve_activation(model_config, task_info),
+        backend=model_config.backend,
+        device=device,
+        **inputs,
+    )

@@ -31,15 +31,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from kru_core.checkpoint import Checkpoint, CheckpointStore
-from kru_core.config import JobConfig, ModelConfig, TrainConfig
+from kru_core.config import JobConfig, TrainConfig
 from kru_core.errors import CheckpointError, TrainingError
-from kru_core.models import SequenceModel
+from kru_core.models import SequenceModel, build_model
 from kru_core.tasks import Task, TaskInfo, build_task
 from kru_core.tasks.base import accumulate
 
@@ -80,6 +79,7 @@ class TrainResult:
         metrics: the last evaluation metrics (``eval_*``; empty if the run never evaluated).
         checkpoint: the last checkpoint directory written.
         parameter_counts: ``{"total", "recurrent"}`` of the model.
+        task_info: what the model was trained on (as stored in its checkpoints).
     """
 
     status: str
@@ -87,6 +87,7 @@ class TrainResult:
     metrics: dict[str, float]
     checkpoint: Path
     parameter_counts: dict[str, int]
+    task_info: TaskInfo
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -97,37 +98,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r} requested, but CUDA is not available here")
     return device
-
-
-def resolve_activation(model_config: ModelConfig, task_info: TaskInfo) -> str:
-    """``model.activation``, with ``auto`` resolved for the task: ``split_relu`` for ``adding``
-    (it learns the gating much faster), ``modrelu`` otherwise (split ReLU cannot hold the copy
-    task's memory); the runs that decided it are in ``docs/results.md``."""
-    if model_config.activation != "auto":
-        return model_config.activation
-    return "split_relu" if task_info.task_kind == "adding" else "modrelu"
-
-
-def build_model(
-    model_config: ModelConfig, task_info: TaskInfo, *, device: torch.device | str | None = None
-) -> SequenceModel:
-    """The :class:`~kru_core.models.SequenceModel` for a model config and a task."""
-    inputs: dict[str, Any] = (
-        {"vocab_size": task_info.vocab_size}
-        if task_info.input_kind == "tokens"
-        else {"input_size": task_info.input_size}
-    )
-    return SequenceModel(
-        cell=model_config.cell,
-        hidden_size=model_config.hidden_size,
-        output_size=task_info.output_size,
-        head=task_info.head,
-        factors=None if model_config.factors is None else list(model_config.factors),
-        complex=model_config.complex,
-        activation=resolve_activation(model_config, task_info),
-        device=device,
-        **inputs,
-    )
 
 
 #: Sequences up to this many steps train the Kronecker factors at ``train.lr``; longer ones at
@@ -331,7 +301,12 @@ class _Run:
     def result(self, status: str) -> TrainResult:
         assert self.last_checkpoint is not None  # every exit path saves first
         return TrainResult(
-            status, self.step, dict(self.eval_metrics), self.last_checkpoint, self.counts
+            status,
+            self.step,
+            dict(self.eval_metrics),
+            self.last_checkpoint,
+            self.counts,
+            self.task.info,
         )
 
     # -- the loop ----------------------------------------------------------------------------

@@ -9,3 +9,9 @@ subprocesses inherit it.
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Without a GPU, Triton kernels run in Triton's interpreter (numpy), which is how the "triton"
+# recurrence backend is tested on CPU tensors (kru_core/recurrence/triton_backend.py). Read by
+# triton when the kernels are defined; with a GPU the kernels compile (the gpu-marked tests).
+if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")

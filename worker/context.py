@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine, create_engine, text
 
+from worker import schema
 from worker.celery_app import create_celery_app, enqueue
 from worker.db import Store
 from worker.settings import Settings
@@ -71,8 +72,12 @@ _lock = threading.Lock()
 _current: Context | None = None
 
 
-def init(settings: Settings) -> Context:
-    """Build the process's context for ``settings`` (replacing a previous one), create tables."""
+def init(settings: Settings, *, upgrade_schema: bool = False) -> Context:
+    """Build the process's context for ``settings`` (replacing a previous one).
+
+    The database's schema must be the code's: an empty database gets it; an older one is
+    upgraded with ``upgrade_schema`` (``kru serve``), else :class:`worker.schema.SchemaOutdated`
+    is raised (``kru api``, ``kru worker``: the operator runs ``kru db upgrade``)."""
     global _current
     with _lock:
         if _current is not None and _current.settings == settings:
@@ -81,8 +86,12 @@ def init(settings: Settings) -> Context:
             _current.close()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.database_url)
-        store.create_all()
-        celery = create_celery_app(settings)
+        try:
+            schema.prepare(store, upgrade_schema=upgrade_schema)
+        except BaseException:
+            store.dispose()
+            raise
+        celery = create_celery_app(settings, current)
         _prepare_embedded_broker(settings, celery)
         _current = Context(settings=settings, store=store, celery=celery)
         return _current

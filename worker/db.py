@@ -3,7 +3,7 @@
 SQLite allows one writer at a time across processes (API and workers). Write transactions start
 with ``BEGIN IMMEDIATE`` (:meth:`Store.writing`) so that two of them queue on the busy timeout
 instead of failing on a lock upgrade; reads (:meth:`Store.reading`) start deferred and never
-block writers thanks to WAL.
+block writers thanks to WAL. The schema is the migrations' (:mod:`worker.schema`).
 """
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, bindparam, create_engine, event, text
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
 
-from worker.models import Base
+from worker.models import UTCDateTime
 
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
-_SCHEMA_LOCK = 0x6B72_7500  # PostgreSQL advisory lock key of schema creation ("kru")
 
 
 class Store:
@@ -35,15 +37,6 @@ class Store:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write = sessionmaker(writer, expire_on_commit=False)
-
-    def create_all(self) -> None:
-        """Create the tables that do not exist yet, in one transaction that processes starting
-        at the same time take in turn (a write lock on SQLite, an advisory lock on PostgreSQL)."""
-        writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
-        with writer.begin() as conn:
-            if not self.is_sqlite:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
-            Base.metadata.create_all(conn)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
@@ -66,6 +59,37 @@ class Store:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+class db_clock(FunctionElement[datetime]):
+    """The database's "now", ``seconds_ago`` earlier: a SQL expression, evaluated by the store.
+
+    Heartbeats are written with it and judged stale against it, so the clocks of the nodes
+    that run workers do not matter: on PostgreSQL it is the server's ``now()`` (its transaction's
+    start), on SQLite (one machine, one clock) the UTC time of the process that runs the
+    statement, as text in SQLAlchemy's storage format (``YYYY-MM-DD HH:MM:SS.ffffff``, so that
+    it compares with the stored values).
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "db_clock"
+
+    def __init__(self, seconds_ago: float = 0.0) -> None:
+        super().__init__(bindparam("seconds_ago", float(seconds_ago), unique=True))
+
+
+@compiles(db_clock, "postgresql")
+def _db_clock_postgresql(element: db_clock, compiler: Any, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(now() - make_interval(secs => {seconds}))"
+
+
+@compiles(db_clock, "sqlite")
+def _db_clock_sqlite(element: db_clock, compiler: Any, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    # %f is SS.SSS (milliseconds): three more digits make SQLAlchemy's microsecond format.
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', (-{seconds}) || ' seconds') || '000')"
 
 
 def _create_engine(url: str) -> Engine:

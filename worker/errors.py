@@ -48,3 +48,24 @@ class Invalid(ServiceError):
 
 class Unavailable(ServiceError):
     """A dependency (database, broker) cannot be reached."""
+
+
+class OverQuota(ServiceError):
+    """A per-key quota is used up (429).
+
+    Attributes:
+        limit: the setting that limits it (``"max_active_jobs_per_key"``, ...), as in
+            docs/deploy.md "Limits and quotas".
+        detail: which limit, how much is used, and when it frees.
+        retry_after: seconds until it frees (the ``Retry-After`` header), or None when only the
+            client can free it (deleting a dataset).
+    """
+
+    def __init__(self, limit: str, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class InsufficientStorage(ServiceError):
+    """The server's disk is too full to store an upload (507)."""

@@ -8,23 +8,28 @@ only reads in-memory flags.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import socket
 import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from kru_core.config import ConfigError, JobConfig
-from worker import jobs
-from worker.context import Context
+from worker import admission, jobs, quotas, retention
 from worker.datasets import dataset_file
+from worker.ids import new_id
 from worker.jobs import Claim
 from worker.models import Model, utcnow
+
+if TYPE_CHECKING:
+    from kru_core.training import Progress, TrainResult
+    from worker.context import Context
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,33 @@ logger = logging.getLogger(__name__)
 shutdown_requested = threading.Event()
 
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Activity:
+    """Whether this process is running a delivery, and since when it is idle (monotonic); the
+    consume watchdog (:mod:`worker.watchdog`) reads it under :attr:`lock`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy = False
+        self.idle_since = time.monotonic()
+        #: The job of the delivery being run (the worker registry reports it).
+        self.job_id: str | None = None
+
+    def begin(self, job_id: str | None = None) -> None:
+        with self.lock:
+            self.busy = True
+            self.job_id = job_id
+
+    def end(self) -> None:
+        with self.lock:
+            self.busy = False
+            self.job_id = None
+            self.idle_since = time.monotonic()
+
+
+#: This worker process's activity (one delivery at a time: ``--pool solo``).
+activity = Activity()
 
 
 class StoreUnavailable(Exception):
@@ -69,24 +101,59 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
+#: Progress writes kept while the store is down (beyond them, the newest are dropped).
+MAX_PENDING_WRITES = 10_000
+
+#: How long the end of a job (its status, its model) is retried while the store is down.
+END_RETRY_S = 120.0
+
+
+def _retrying(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, retried every second for up to :data:`END_RETRY_S` while the
+    store cannot be reached (a database restart at the end of a job loses nothing)."""
+    deadline = time.monotonic() + END_RETRY_S
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except SQLAlchemyError as exc:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("%s failed, retrying: %s", what, exc)
+            time.sleep(1.0)
+
+
+#: Progress writes sent in one transaction at most.
+WRITE_BATCH = 500
+
+
 class ProgressReporter:
     """``on_progress`` for :func:`kru_core.training.train`: throttled writes of step, metrics,
-    metric history and events. Evaluations are always recorded; training steps at most every
-    ``progress_interval`` seconds (and the last one)."""
+    metric history and events.
 
-    def __init__(self, ctx: Context, claim: Claim) -> None:
+    Training metrics are recorded every :attr:`log_every` steps (``train.log_every``), and at
+    any step when nothing was written for ``progress_interval`` seconds; evaluations and
+    checkpoints always. Recorded points are written at most every ``progress_interval`` seconds,
+    in one transaction (and at once for evaluations, checkpoints and the last step).
+    """
+
+    def __init__(self, ctx: Context, claim: Claim, *, log_every: int = 1) -> None:
         self.ctx = ctx
         self.claim = claim
+        self.log_every = log_every
         self.metrics: dict[str, float] = dict(claim.metrics)
         self._last_write = 0.0
         self.lost = False
+        #: Recorded writes not yet in the store (throttled, or the store was down), oldest first.
+        self.pending: list[dict[str, Any]] = []
 
-    def __call__(self, progress: Any) -> None:
+    def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
         last = progress.step >= progress.total_steps
-        throttled = now - self._last_write < self.ctx.settings.progress_interval
-        if progress.kind == "train" and not last and throttled:
-            return
+        due = now - self._last_write >= self.ctx.settings.progress_interval
+        if progress.kind == "train" and not last:
+            logged = progress.step % self.log_every == 0
+            if not logged and (self.pending or not due):
+                return
         point = {k: float(v) for k, v in progress.metrics.items()}
         self.metrics.update(point)
         fraction = min(1.0, progress.step / max(1, progress.total_steps))
@@ -97,27 +164,54 @@ class ProgressReporter:
             "metrics": point,
             "phase": progress.kind,
         }
-        try:
-            ok = jobs.report_progress(
-                self.ctx.store,
-                self.claim,
-                step=progress.step,
-                total_steps=progress.total_steps,
-                metrics=self.metrics,
-                phase=progress.kind,
-                point=point if progress.kind in ("train", "eval") and point else None,
-                event=event,
-            )
-        except Exception as exc:  # progress is best effort; the heartbeat thread keeps the claim
-            logger.warning("job %s: progress write failed: %s", self.claim.job_id, exc)
+        write = {
+            "step": progress.step,
+            "total_steps": progress.total_steps,
+            "metrics": dict(self.metrics),
+            "phase": progress.kind,
+            "point": point if progress.kind in ("train", "eval") and point else None,
+            "event": event,
+        }
+        if len(self.pending) < MAX_PENDING_WRITES:
+            self.pending.append(write)
+        if progress.kind == "train" and not last and not due:
             return
         self._last_write = now
-        if not ok:
-            self.lost = True
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write the pending progress, oldest first; True when none is left. A write that
+        fails (the store is down) stays pending for the next call: nothing is lost to an
+        outage shorter than the job."""
+        while self.pending:
+            batch = self.pending[:WRITE_BATCH]
+            try:
+                ok = jobs.report_progress(self.ctx.store, self.claim, batch)
+            except Exception as exc:  # the heartbeat thread keeps the claim; retried later
+                logger.warning(
+                    "job %s: progress write failed (%d pending): %s",
+                    self.claim.job_id,
+                    len(self.pending),
+                    exc,
+                )
+                return False
+            del self.pending[: len(batch)]
+            if not ok:
+                self.lost = True
+                self.pending.clear()
+        return True
 
 
 def run_job(ctx: Context, job_id: str) -> None:
     """Claim the job and run it to an end, or do nothing if it cannot be claimed."""
+    activity.begin(job_id)
+    try:
+        _run_job(ctx, job_id)
+    finally:
+        activity.end()
+
+
+def _run_job(ctx: Context, job_id: str) -> None:
     settings = ctx.settings
     stale_before = jobs.stale_cutoff(settings.heartbeat_timeout)
     try:
@@ -134,12 +228,20 @@ def run_job(ctx: Context, job_id: str) -> None:
         logger.info("job %s: not claimable (held by a live worker, finished or unknown)", job_id)
         return
     logger.info("job %s: attempt %d on %s", job_id, claim.attempt, WORKER_NAME)
+    try:  # the job left the broker: its key's next held job may take its place
+        quotas.publish_next(ctx, job_id)
+    except Exception as exc:  # the reaper publishes it later
+        logger.warning("job %s: publishing its key's next job failed: %s", job_id, exc)
     heartbeat = Heartbeat(ctx, claim)
     heartbeat.start()
     try:
         _train(ctx, claim, heartbeat)
     finally:
         heartbeat.stop()
+    try:  # a job that ended keeps its last checkpoint and its model's (worker.retention)
+        retention.prune_checkpoints(ctx, claim)
+    except Exception as exc:
+        logger.warning("job %s: removing older checkpoints failed: %s", job_id, exc)
 
 
 def _train(ctx: Context, claim: Claim, heartbeat: Heartbeat) -> None:
@@ -159,39 +261,54 @@ def _train(ctx: Context, claim: Claim, heartbeat: Heartbeat) -> None:
 
     try:
         config = _limited(JobConfig.from_dict(claim.config), settings.max_job_seconds)
+        reporter.log_every = config.train.log_interval()
         dataset_path = _dataset_path(ctx, config)
-        resumed_from = _latest_step(out_dir)
+        # torch is imported when a job runs, not when the API imports this module.
+        from kru_core.checkpoint import CheckpointStore
+        from kru_core.training import train
+
+        resumed_from = CheckpointStore(out_dir).latest_step()
         if resumed_from:
             jobs.note(
                 ctx.store,
                 claim,
                 {"status": "running", "attempt": claim.attempt, "resumed_from_step": resumed_from},
             )
-        from kru_core.training import train
 
-        result = train(
-            config,
-            out_dir=out_dir,
-            dataset_path=dataset_path,
-            on_progress=reporter,
-            should_stop=should_stop,
-            resume=True,
-            device=None if settings.device == "auto" else settings.device,
-        )
+        device = None if settings.device == "auto" else settings.device
+        budget = admission.job_memory_budget(settings)
+        limit = admission.memory_limit(budget) if _on_cpu(device or config.train.device) else None
+        with limit or contextlib.nullcontext():
+            result = train(
+                config,
+                out_dir=out_dir,
+                dataset_path=dataset_path,
+                on_progress=reporter,
+                should_stop=should_stop,
+                resume=True,
+                device=device,
+            )
     except (KruError, ConfigError, _JobInputError) as exc:
         _fail(ctx, claim, str(exc) or type(exc).__name__)
         return
-    except MemoryError as exc:
-        _fail(ctx, claim, f"out of memory: {exc}".rstrip(": "))
-        return
     except Exception as exc:
-        if _is_out_of_memory(exc):
-            _fail(ctx, claim, f"out of memory: {_first_line(exc)}")
+        if admission.is_allocation_failure(exc):
+            gc.collect()  # the failed run's tensors, before anything else allocates
+            _fail(
+                ctx,
+                claim,
+                f"out of memory: the job needed more than this worker allows "
+                f"({budget / 2**30:.3g} GiB for a job, KRU_MAX_JOB_MEMORY_BYTES): "
+                f"{_first_line(exc) if str(exc) else type(exc).__name__}",
+            )
             return
         logger.exception("job %s: training raised", claim.job_id)
         _fail(ctx, claim, f"internal error: {type(exc).__name__}: {_first_line(exc)}")
         return
     if heartbeat.lost.is_set() or reporter.lost:
+        return
+    _retrying(f"job {claim.job_id}: progress write", _flushed, reporter)
+    if reporter.lost:
         return
     try:
         _conclude(ctx, claim, result, heartbeat, config, reporter.metrics)
@@ -205,7 +322,7 @@ def _train(ctx: Context, claim: Claim, heartbeat: Heartbeat) -> None:
 def _conclude(
     ctx: Context,
     claim: Claim,
-    result: Any,
+    result: TrainResult,
     heartbeat: Heartbeat,
     config: JobConfig,
     reported: dict[str, float],
@@ -219,23 +336,66 @@ def _conclude(
         ):
             jobs.mark_enqueued(ctx.store, claim.job_id)
         return
-    if result.status == "timeout" and config.train.max_seconds == ctx.settings.max_job_seconds:
-        limit = ctx.settings.max_job_seconds
-        _fail(
-            ctx,
-            claim,
-            f"stopped at step {result.step}: the job ran past the server's "
-            f"wall-clock limit of {limit:g} s (KRU_MAX_JOB_SECONDS)",
-        )
-        return
+    if result.status == "timeout":
+        error = timeout_error(config, ctx.settings.max_job_seconds, result.step)
+        if error is not None:
+            _fail(ctx, claim, error)
+            return
     model = _model_row(ctx, claim, result)
-    jobs.finish(ctx.store, claim, "succeeded", model=model, step=result.step, metrics=metrics)
+    _retrying(
+        f"job {claim.job_id}: recording its end",
+        jobs.finish,
+        ctx.store,
+        claim,
+        "succeeded",
+        model=model,
+        step=result.step,
+        metrics=metrics,
+    )
     logger.info("job %s: succeeded at step %d, model %s", claim.job_id, result.step, model.id)
+
+
+def timeout_error(config: JobConfig, max_job_seconds: float, step: int) -> str | None:
+    """Why a run stopped by a wall-clock limit ends ``failed`` (no model registered), or None
+    when it ends ``succeeded``: only a run stopped by its own ``train.max_seconds`` after at
+    least one step with ``train.keep_model_on_timeout``. ``config`` is the limited config the
+    run had (:func:`_limited`)."""
+    limit = config.train.max_seconds or max_job_seconds
+    steps = config.train.steps
+    if limit >= max_job_seconds:
+        return (
+            f"timed out: stopped at step {step} of {steps}: the job ran past the server's "
+            f"wall-clock limit of {max_job_seconds:g} s (KRU_MAX_JOB_SECONDS); no model "
+            "registered"
+        )
+    if config.train.keep_model_on_timeout and step > 0:
+        return None
+    return (
+        f"timed out: stopped at step {step} of {steps} by train.max_seconds ({limit:g} s); no "
+        "model registered (train.keep_model_on_timeout: true keeps the model of a run that "
+        "made progress)"
+    )
 
 
 def _fail(ctx: Context, claim: Claim, error: str) -> None:
     logger.warning("job %s: failed: %s", claim.job_id, error)
-    jobs.finish(ctx.store, claim, "failed", error=error[:4000])
+    _retrying(
+        f"job {claim.job_id}: recording its end",
+        jobs.finish,
+        ctx.store,
+        claim,
+        "failed",
+        error=error[:4000],
+    )
+
+
+def _flushed(reporter: ProgressReporter) -> None:
+    if not reporter.flush():
+        raise _StoreDown("progress writes still pending")
+
+
+class _StoreDown(SQLAlchemyError):
+    """Pending progress could not be written yet (retried by :func:`_retrying`)."""
 
 
 class _JobInputError(Exception):
@@ -259,32 +419,20 @@ def _dataset_path(ctx: Context, config: JobConfig) -> Path | None:
     return path
 
 
-def _latest_step(out_dir: Path) -> int:
-    from kru_core.checkpoint import CheckpointStore
-
-    latest = CheckpointStore(out_dir).latest() if out_dir.exists() else None
-    if latest is None:
-        return 0
-    digits = "".join(ch for ch in Path(latest).name if ch.isdigit())
-    return int(digits) if digits else 0
-
-
 def _cancel_requested(ctx: Context, claim: Claim) -> bool:
     return bool(jobs.heartbeat(ctx.store, claim))
 
 
-def _model_row(ctx: Context, claim: Claim, result: Any) -> Model:
-    from kru_core.checkpoint import load_checkpoint
-
+def _model_row(ctx: Context, claim: Claim, result: TrainResult) -> Model:
     checkpoint = Path(result.checkpoint)
-    info = load_checkpoint(checkpoint, train_state=False).task_info.to_dict()
+    info = result.task_info.to_dict()
     try:
         stored = str(checkpoint.resolve().relative_to(ctx.settings.data_dir))
     except ValueError:
         stored = str(checkpoint.resolve())
     config = claim.config
     return Model(
-        id=uuid.uuid4().hex,
+        id=new_id(),
         job_id=claim.job_id,
         name=config.get("name"),
         config=config,
@@ -296,8 +444,13 @@ def _model_row(ctx: Context, claim: Claim, result: Any) -> Model:
     )
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+def _on_cpu(device: str) -> bool:
+    """Whether a job on ``device`` (``auto``, ``cpu``, ``cuda...``) trains on the CPU."""
+    if device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return device == "cpu"
 
 
 def _first_line(exc: BaseException) -> str:

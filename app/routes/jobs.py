@@ -1,20 +1,43 @@
-"""``/v1/jobs``: submit, list, inspect, follow (SSE) and cancel training jobs."""
+"""``/v1/jobs``: submit, list, inspect, follow (SSE), cancel and delete training jobs."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Security
+from fastapi import APIRouter, Header, Query, Request, Response, Security
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import bearer_scheme
-from app.deps import JobId
+from app.deps import JobId, KeyName
+from app.errors import ErrorRoute
 from app.events import job_event_stream
 from app.schemas import Job, JobList, JobQuery, JobSpec, MetricPoint, error_responses
 from worker import service
 
+#: One Server-Sent Event of a job's stream, as sent (docs/api.md, "Job events").
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["status", "progress", "end"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "JSON: a status or progress event of the job, or (end) the job",
+        },
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "for Last-Event-ID"},
+        "retry": {"type": "integer", "description": "the reconnection delay (ms), first event"},
+    },
+    "example": {
+        "event": "progress",
+        "id": "7",
+        "data": '{"job_id":"8a1f","step":100,"total_steps":500,"fraction":0.2}',
+    },
+}
+
 router = APIRouter(
+    route_class=ErrorRoute,
     prefix="/jobs",
     tags=["jobs"],
     dependencies=[Security(bearer_scheme)],
@@ -27,10 +50,11 @@ def job_json(job_id: str) -> dict[str, Any]:
     return Job.model_validate(service.get_job(job_id)).model_dump(mode="json")
 
 
-@router.post("", status_code=202, response_model=Job, responses=error_responses(413, 422))
-def submit_job(spec: JobSpec) -> Job:
-    """Submit a training job; it is queued and runs on the next free worker."""
-    view = service.submit_job(spec.to_job_config(), name=spec.name)
+@router.post("", status_code=202, response_model=Job, responses=error_responses(413, 422, 429))
+def submit_job(spec: JobSpec, key: KeyName) -> Job:
+    """Submit a training job; it is queued and runs on the next free worker (jobs of
+    different API keys take turns; 429 over the key's quota, docs/deploy.md)."""
+    view = service.submit_job(spec.to_job_config(), name=spec.name, owner=key)
     return Job.model_validate(view)
 
 
@@ -58,7 +82,8 @@ def get_job_metrics(job_id: JobId) -> list[dict[str, object]]:
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            # Before OpenAPI 3.2 (itemSchema), an event stream's schema describes each event.
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
             "description": "Server-Sent Events: `status` and `progress` events (JSON data, "
             "with ids for Last-Event-ID), `: heartbeat` comments, and a last `end` event with "
             "the finished job",
@@ -95,6 +120,16 @@ async def job_events(
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=error_responses(404, 409))
-def cancel_job(job_id: JobId) -> Job:
-    """Cancel a job: a queued one at once, a running one at its next step (checkpoint kept)."""
-    return Job.model_validate(service.cancel_job(job_id))
+def cancel_job(job_id: JobId, key: KeyName) -> Job:
+    """Cancel one of the key's jobs: a queued one at once, a running one at its next step
+    (checkpoint kept); another key's job is a ``404``."""
+    return Job.model_validate(service.cancel_job(job_id, owner=key))
+
+
+@router.delete("/{job_id}", status_code=204, responses=error_responses(404, 409))
+def delete_job(job_id: JobId, key: KeyName) -> Response:
+    """Delete one of the key's finished jobs with its events, metric history and checkpoint
+    files (``409`` while it is queued or running, or while its model is registered: delete the
+    model first); another key's job is a ``404``."""
+    service.delete_job(job_id, owner=key)
+    return Response(status_code=204)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import build_parser, main
+from app.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = {
@@ -152,10 +152,18 @@ def test_errors_are_one_line_not_tracebacks(
     assert "not a checkpoint" in capsys.readouterr().err
 
 
-def test_parser_has_room_for_service_commands() -> None:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"train", "predict"} <= set(sub.choices)
+def test_every_command_answers_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    listing = capsys.readouterr().out
+    commands = ("train", "predict", "serve", "api", "worker", "jobs", "models")
+    for command in commands:
+        assert command in listing, command
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0, command
+        assert capsys.readouterr().out.startswith("usage: kru " + command), command
 
 
 def test_console_entry_point_runs() -> None:

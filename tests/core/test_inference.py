@@ -12,8 +12,9 @@ import torch
 from kru_core.config import JobConfig
 from kru_core.errors import InputError
 from kru_core.inference import LoadedModel
+from kru_core.models import build_model
 from kru_core.tasks import TaskInfo
-from kru_core.training import build_model, train
+from kru_core.training import train
 
 torch.set_num_threads(1)
 

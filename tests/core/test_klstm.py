@@ -9,15 +9,7 @@ import torch
 
 from kru_core import KLSTM
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add OpenMP barrier waits, which become
-    # very slow when the 2 CPUs are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(strategy="auto", merge=None, factors=(3, (2, 4), (2, 1)), hidden=12, seed=0):

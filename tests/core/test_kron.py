@@ -18,15 +18,7 @@ from kru_core.kron import (
     plan_recurrence,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add OpenMP barrier waits, which become
-    # very slow when the 2 CPUs are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = {

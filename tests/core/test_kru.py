@@ -10,16 +10,20 @@ from torch.func import functional_call
 
 from kru_core import KRU, KRUCell
 from kru_core.activations import activation_backward, apply_activation
+from kru_core.recurrence import backend_status
+
+#: Every backend this machine can run (the first call builds the CPU operator, once per
+#: machine), and the step-by-step autograd loop ("unfused", the eager reference).
+BACKENDS = ["eager", *(b for b in ("cpu", "triton") if backend_status(b) is None)]
+MODES = [*BACKENDS, "unfused"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add OpenMP barrier waits, which become
-    # very slow when the 2 CPUs are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def set_mode(kru, mode):
+    kru.fused = mode != "unfused"
+    kru.backend = "eager" if mode == "unfused" else mode
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STRATEGIES = [
@@ -111,10 +115,10 @@ def test_recurrent_matrix_is_kron_of_factors(factors, is_complex):
 
 @pytest.mark.parametrize("factors", list(FACTORS))
 @pytest.mark.parametrize(("strategy", "merge"), STRATEGIES)
-@pytest.mark.parametrize("fused", [True, False])
-def test_identity_recurrence_is_matrix_power(factors, strategy, merge, fused):
+@pytest.mark.parametrize("mode", MODES)
+def test_identity_recurrence_is_matrix_power(factors, strategy, merge, mode):
     kru = make(factors, activation="identity", bias=False, strategy=strategy, merge=merge)
-    kru.fused = fused
+    set_mode(kru, mode)
     n = kru.hidden_size
     h0 = torch.randn(4, n, dtype=torch.complex128)
     steps = 6
@@ -129,7 +133,7 @@ def test_identity_recurrence_is_matrix_power(factors, strategy, merge, fused):
 
 
 @pytest.mark.parametrize(("strategy", "merge"), STRATEGIES)
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("activation", "is_complex", "factors"),
     [
@@ -143,10 +147,10 @@ def test_identity_recurrence_is_matrix_power(factors, strategy, merge, fused):
     ],
 )
 def test_every_strategy_matches_oracle_forward_and_backward(
-    strategy, merge, fused, activation, is_complex, factors
+    strategy, merge, mode, activation, is_complex, factors
 ):
     kru = make(factors, activation=activation, complex=is_complex, strategy=strategy, merge=merge)
-    kru.fused = fused
+    set_mode(kru, mode)
     x = torch.randn(3, 5, 3, dtype=torch.float64)
     h0 = torch.randn(3, kru.hidden_size, dtype=kru.state_dtype)
     weights = torch.randn(3, 5, kru.hidden_size, dtype=kru.state_dtype)
@@ -170,13 +174,13 @@ def test_every_strategy_matches_oracle_forward_and_backward(
     torch.testing.assert_close(h0_a.grad, h0_b.grad, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("activation", "strategy"), [("modrelu", "merged"), ("split_relu", "dense")]
 )
-def test_gradcheck_short_kru_complex128(fused, activation, strategy):
+def test_gradcheck_short_kru_complex128(mode, activation, strategy):
     kru = make("rectangular", activation=activation, strategy=strategy, merge=None)
-    kru.fused = fused
+    set_mode(kru, mode)
     names = [n for n, _ in kru.named_parameters()]
     x = torch.randn(2, 3, 3, dtype=torch.float64)
     h0 = torch.randn(2, kru.hidden_size, dtype=torch.complex128, requires_grad=True)
@@ -279,11 +283,11 @@ def test_batch_first_false():
     torch.testing.assert_close(h_n_tm, h_n)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("activation", ["modrelu", "split_relu"])
-def test_every_parameter_gets_a_gradient(fused, activation):
+def test_every_parameter_gets_a_gradient(mode, activation):
     kru = make("mixed", activation=activation, dtype=torch.float32)
-    kru.fused = fused
+    set_mode(kru, mode)
     out, _ = kru(torch.randn(3, 6, 3))
     out.abs().sum().backward()
     for name, p in kru.named_parameters():
@@ -294,8 +298,8 @@ def test_every_parameter_gets_a_gradient(fused, activation):
 # --------------------------------------------------------------------------- modReLU bias
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_positive_modrelu_bias_acts_as_zero_through_long_zero_input(fused):
+@pytest.mark.parametrize("mode", MODES)
+def test_positive_modrelu_bias_acts_as_zero_through_long_zero_input(mode):
     """Pixel MNIST's blow-up: black pixels keep z = 0 for a hundred steps, where a positive
     modReLU bias had a gain of b / eps = 1e4 per step; the gradient overflowed at step 4."""
     x = torch.zeros(2, 300, 1, dtype=torch.float64)
@@ -304,7 +308,7 @@ def test_positive_modrelu_bias_acts_as_zero_through_long_zero_input(fused):
     for b in (0.1, 0.0):
         torch.manual_seed(0)
         kru = KRU(1, 16, dtype=torch.complex128)
-        kru.fused = fused
+        set_mode(kru, mode)
         with torch.no_grad():
             kru.bias.fill_(b)
         xs = x.clone().requires_grad_()
@@ -318,13 +322,13 @@ def test_positive_modrelu_bias_acts_as_zero_through_long_zero_input(fused):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("fused", [True, False])
-def test_backward_through_unitary_kru_cannot_grow(seed, fused):
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_through_unitary_kru_cannot_grow(seed, mode):
     """With a unitary W and b <= 0 every step is 1-Lipschitz, so for L = Re<c, h_T> the
     gradient reaching h_0 is no larger than |c|, whatever the inputs and biases."""
     g = torch.Generator().manual_seed(seed)
     kru = KRU(1, 32, dtype=torch.complex128)
-    kru.fused = fused
+    set_mode(kru, mode)
     with torch.no_grad():
         kru.bias.copy_(-0.5 * torch.rand(32, generator=g, dtype=torch.float64))
         kru.weight_ih.mul_(3)

@@ -1,4 +1,4 @@
-"""A small KRU learns the copy and adding tasks on the CPU (paper.md section 6; issue 3).
+"""A small KRU learns the copy and adding tasks on the CPU (docs/paper.md section 6).
 
 The runs use the engine's default training settings (docs/results.md says how they were
 chosen) and stop early once the held-out metric is past a margin; the final model is then

@@ -7,15 +7,7 @@ import torch
 
 from kru_core import SequenceModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add OpenMP barrier waits, which become
-    # very slow when the 2 CPUs are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CELLS = ["kru", "kru_lstm", "rnn", "lstm"]
@@ -146,6 +138,8 @@ def test_gradients_reach_every_parameter():
         (logits.pow(2).sum() + model.unitary_penalty()).backward()
         for name, p in model.named_parameters():
             assert p.grad is not None, (cell, name)
+            assert torch.isfinite(p.grad).all(), (cell, name)
+            assert p.grad.abs().sum() > 0, f"{cell}: {name} gets a zero gradient"
 
 
 def test_kru_learns_a_tiny_task():

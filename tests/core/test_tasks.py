@@ -1,4 +1,4 @@
-"""Task generators follow the encodings of design.md section 4 exactly."""
+"""Task generators follow the encodings of docs/architecture.md "Task encodings" exactly."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_copy_uses_all_data_symbols_and_is_seeded() -> None:
 
 def test_memoryless_loss_formula() -> None:
     assert memoryless_loss(1000) == pytest.approx(10 * math.log(8) / 1020)
-    assert memoryless_loss(1000) == pytest.approx(0.0204, abs=1e-4)  # paper.md section 6.1
+    assert memoryless_loss(1000) == pytest.approx(0.0204, abs=1e-4)  # docs/paper.md section 6.1
     assert memoryless_loss(2000) == pytest.approx(0.0103, abs=1e-4)
 
 

@@ -13,14 +13,12 @@ import torch
 from kru_core.checkpoint import CheckpointStore
 from kru_core.config import JobConfig
 from kru_core.errors import TrainingError
-from kru_core.models import SequenceModel
+from kru_core.models import SequenceModel, build_model, resolve_activation
 from kru_core.tasks import CopyTask, TaskInfo
 from kru_core.training import (
     Progress,
-    build_model,
     build_optimizer,
     learning_rates,
-    resolve_activation,
     train,
 )
 
@@ -171,7 +169,7 @@ def test_should_stop_ends_within_one_step_with_a_checkpoint(tmp_path: Path) -> N
 
 
 def test_max_seconds_times_out_with_checkpoint_and_metrics(tmp_path: Path) -> None:
-    result = train(tiny(steps=10_000, max_seconds=0.5), out_dir=tmp_path)
+    result = train(tiny(steps=10_000, max_seconds=1.0), out_dir=tmp_path)
     assert result.status == "timeout" and 0 < result.step < 10_000
     assert "eval_accuracy" in result.metrics
     assert result.checkpoint == CheckpointStore(tmp_path).latest()

@@ -7,11 +7,9 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +17,11 @@ from typing import TypeVar
 
 import httpx
 import pytest
+from testkit import free_port, stop_process, wait_until
 
 from .specs import container_command
+
+__all__ = ["free_port", "wait_until"]  # re-exported: the deploy tests import them from here
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 KRU = Path(sys.executable).with_name("kru")
@@ -28,24 +29,6 @@ T = TypeVar("T")
 #: Exit statuses of a graceful stop: 0, or death by the SIGTERM that uvicorn re-raises once it
 #: has shut down (what a shell or Docker reports as 143).
 CLEAN_EXIT = (0, -signal.SIGTERM)
-
-
-def wait_until(predicate: Callable[[], T], *, timeout: float, what: str) -> T:
-    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kru_argv(target: str, *, host: str = "127.0.0.1", port: int | None = None) -> list[str]:
@@ -82,14 +65,7 @@ class Process:
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, wait; SIGKILL after ``timeout`` s. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 @contextmanager

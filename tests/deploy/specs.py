@@ -25,6 +25,7 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
 COMPOSE_SHARED = REPO / "docker-compose.shared.yml"
+COMPOSE_FLOWER = REPO / "docker-compose.flower.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 GPU_ENTRYPOINT = REPO / "docker" / "gpu-entrypoint.sh"
 
@@ -141,7 +142,7 @@ def docker_compose_binary() -> Path:
 
 def compose_project(tmp_path: Path, env: dict[str, str]) -> Path:
     """A copy of the deployment files in ``tmp_path`` with ``env`` as its ``.env``."""
-    for path in (COMPOSE, COMPOSE_CPU, COMPOSE_SHARED, DOCKERFILE, GPU_ENTRYPOINT):
+    for path in (COMPOSE, COMPOSE_CPU, COMPOSE_SHARED, COMPOSE_FLOWER, DOCKERFILE, GPU_ENTRYPOINT):
         target = tmp_path / path.relative_to(REPO)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)

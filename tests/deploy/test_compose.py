@@ -6,6 +6,7 @@ it (``docker-compose config``: schema validation, interpolation of ``.env``, ove
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ from worker.settings import Settings
 from .specs import (
     COMPOSE,
     COMPOSE_CPU,
+    COMPOSE_FLOWER,
     COMPOSE_SHARED,
     DOCKERFILE,
     ENV_EXAMPLE,
@@ -31,6 +33,7 @@ from .specs import (
     compose_config,
     compose_project,
     container_command,
+    docker_compose_binary,
     dockerfile_stages,
     image_setting,
     load_yaml,
@@ -45,7 +48,7 @@ DATA_DIR = "/data"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEYS")
 PINNED_TAG = re.compile(r"^[a-z0-9./-]+:\d+\.\d+(\.\d+)?(-[a-z0-9.]+)*$")
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")
-ALL_FILES = (COMPOSE, COMPOSE_CPU, COMPOSE_SHARED)
+ALL_FILES = (COMPOSE, COMPOSE_CPU, COMPOSE_SHARED, COMPOSE_FLOWER)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,19 @@ def _seconds(duration: str) -> float:
 
 
 def test_services(services: dict) -> None:
-    assert set(services) == {"redis", "postgres", "api", "worker"}
+    assert set(services) == {"redis", "postgres", "migrate", "api", "worker"}
+
+
+def test_the_schema_is_upgraded_once_before_the_api_and_workers_start(services: dict) -> None:
+    migrate = services["migrate"]
+    assert migrate["command"] == ["kru", "db", "upgrade"]
+    assert migrate["restart"] == "no", "a one-shot service"
+    assert migrate["image"] == services["api"]["image"], "the schema of the code that runs"
+    assert migrate["environment"] == services["api"]["environment"], "the same database"
+    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    for name in ("api", "worker"):
+        condition = services[name]["depends_on"]["migrate"]["condition"]
+        assert condition == "service_completed_successfully", name
 
 
 def test_redis_keeps_queued_jobs(services: dict) -> None:
@@ -100,7 +115,7 @@ def test_api_publishes_8000_and_checks_readyz(services: dict) -> None:
 def test_starts_after_its_dependencies_are_healthy(
     services: dict, service: str, needs: set[str]
 ) -> None:
-    depends_on = services[service]["depends_on"]
+    depends_on = {k: v for k, v in services[service]["depends_on"].items() if k != "migrate"}
     assert set(depends_on) == needs
     for name, spec in depends_on.items():
         assert spec["condition"] == "service_healthy", f"{service} -> {name}"
@@ -228,6 +243,17 @@ def test_images_run_as_a_non_root_user(target: str) -> None:
     assert name not in ("root", "0")
 
 
+def test_cuda_images_have_the_c_compiler_triton_needs() -> None:
+    """Triton compiles its CUDA launcher with gcc on first use: the runtime stage installs gcc
+    (and libc headers) for CUDA variants only, as root, before switching to the kru user."""
+    runtime = dockerfile_stages()["runtime"].instructions
+    runs = [i for i in runtime if i.cmd == "RUN" and "gcc" in i.value[0]]
+    assert len(runs) == 1, "one RUN in the runtime stage installs gcc"
+    command = runs[0].value[0]
+    assert '"${TORCH_VARIANT}" != "cpu"' in command and "libc6-dev" in command
+    assert runtime.index(runs[0]) < runtime.index(next(i for i in runtime if i.cmd == "USER"))
+
+
 def test_base_images_are_pinned(services: dict) -> None:
     stages = dockerfile_stages()
     args = {
@@ -275,6 +301,34 @@ def test_the_image_installs_the_pinned_dependencies(tmp_path) -> None:
     assert len(torch) == 1 and torch[0].startswith("torch==")
     assert sorted(torch + rest) == sorted(deps)
     assert all("==" in d for d in deps), "every runtime dependency is pinned"
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_the_lock_agrees_with_pyproject_and_is_used_everywhere() -> None:
+    """requirements.lock holds every runtime pin of pyproject.toml at the same version, and the
+    image and scripts/setup install through it (regenerate it with scripts/lock)."""
+    lock = _lock()
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name, version = dep.split(";")[0].strip().split("==")
+        key = re.sub(r"[-_.]+", "-", name.split("[")[0]).lower()
+        assert lock.get(key) == version, f"{dep}: the lock has {lock.get(key)!r} (scripts/lock)"
+    run = next(
+        i.value[0]
+        for i in dockerfile_stages()["build"].instructions
+        if i.cmd == "RUN" and "tomllib" in i.value[0]
+    )
+    installs = [part for part in run.split("&&") if "pip install" in part]
+    assert installs and all("-c requirements.lock" in part for part in installs)
+    assert "-c requirements.lock" in (REPO / "scripts" / "setup").read_text()
 
 
 def test_the_build_context_leaves_secrets_and_local_state_out() -> None:
@@ -354,6 +408,43 @@ def test_docker_compose_validates(tmp_path, files) -> None:
             assert (published["host_ip"], published["published"]) == ("127.0.0.1", port)
     else:
         assert "ports" not in services["redis"] and "ports" not in services["postgres"]
+
+
+def _flower_config(project) -> subprocess.CompletedProcess[str]:
+    files = ["-f", COMPOSE.name, "-f", COMPOSE_FLOWER.name, "--profile", "flower"]
+    return subprocess.run(
+        [str(docker_compose_binary()), *files, "config", "--format", "json"],
+        cwd=project,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(project)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_flower_is_an_optional_profile_behind_basic_auth(tmp_path) -> None:
+    flower = load_yaml(COMPOSE_FLOWER)["services"]["flower"]
+    assert flower["profiles"] == ["flower"]
+    assert PINNED_TAG.match(flower["image"]), flower["image"]
+    assert "flower" not in load_yaml(COMPOSE)["services"]
+    # Without FLOWER_PASSWORD: refused with the file, and the deployment does not need it.
+    project = compose_project(tmp_path, TEST_SECRETS)
+    refused = _flower_config(project)
+    assert refused.returncode != 0 and "set FLOWER_PASSWORD in .env" in refused.stderr
+    (project / ".env").write_text(
+        "".join(f"{k}={v}\n" for k, v in {**TEST_SECRETS, "FLOWER_PASSWORD": "pw"}.items())
+    )
+    resolved = _flower_config(project)
+    assert resolved.returncode == 0, resolved.stderr
+    services = json.loads(resolved.stdout)["services"]
+    env = services["flower"]["environment"]
+    assert env["FLOWER_BASIC_AUTH"] == "admin:pw"
+    assert env["CELERY_BROKER_URL"] == services["worker"]["environment"]["KRU_BROKER_URL"]
+    (port,) = services["flower"]["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "5555", 5555)
+    assert services["flower"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "flower" not in resolved_compose(project, COMPOSE)["services"]
 
 
 @pytest.mark.parametrize("secret", ["KRU_API_KEYS", "POSTGRES_PASSWORD", "REDIS_PASSWORD"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from testkit import copy_job
 
 from .processes import (
     CLEAN_EXIT,
@@ -37,19 +38,7 @@ DELAY = 5
 
 def job_body(name: str, *, steps: int) -> dict:
     """A small copy-task job: a few seconds of CPU per worker."""
-    return {
-        "name": name,
-        "task": {"kind": "copy", "delay": DELAY, "eval_size": 64},
-        "model": {"cell": "kru", "hidden_size": 16},
-        "train": {
-            "steps": steps,
-            "batch_size": 16,
-            "lr": 0.01,
-            "eval_every": 50,
-            "checkpoint_every": 50,
-            "device": "cpu",
-        },
-    }
+    return copy_job(name, steps=steps, delay=DELAY)
 
 
 def _wait_worker_ready(worker: Process) -> None:

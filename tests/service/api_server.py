@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,19 +20,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from testkit import free_port, stop_process
 
 from app.events import StreamTiming
 from app.main import create_app
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -53,14 +45,7 @@ class ApiServer:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (uvicorn's graceful shutdown: the lifespan closes the store) and wait."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            pytest.fail(f"API did not stop in {timeout} s:\n{self.log()[-4000:]}")
+        return stop_process(self.proc, timeout, fail=lambda: f"API:\n{self.log()[-4000:]}")
 
 
 def fast_sse_app() -> FastAPI:
@@ -81,7 +66,8 @@ def start_api(
     """
     port = free_port()
     here = str(Path(__file__).parent)
-    path = os.pathsep.join(p for p in (str(REPO), here, os.environ.get("PYTHONPATH")) if p)
+    tests = str(Path(__file__).parents[1])  # testkit, imported by this module (fast_sse_app)
+    path = os.pathsep.join(p for p in (str(REPO), here, tests, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, **settings.to_env(), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "uvicorn", factory, "--factory",
@@ -116,8 +102,9 @@ def running_api(settings: Settings, log_path: Path, **kwargs: Any) -> Iterator[A
 
 
 def copy_sequence(data: list[int], delay: int) -> list[int]:
-    """The copy-memory input of design.md (Arjovsky et al. 2016), written out independently of
-    kru_core: 10 data symbols in 1..8, ``delay - 1`` blanks, the delimiter 9, 10 blanks."""
+    """The copy-memory input of docs/architecture.md "Task encodings" (Arjovsky et al. 2016),
+    written out independently of kru_core: 10 data symbols in 1..8, ``delay - 1`` blanks, the
+    delimiter 9, 10 blanks."""
     assert len(data) == 10 and all(1 <= s <= 8 for s in data)
     return [*data, *([0] * (delay - 1)), 9, *([0] * 10)]
 

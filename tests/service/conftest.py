@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import testkit
+from testkit import stop_process
 
 from kru_core.config import JobConfig
 from worker import service
@@ -128,9 +130,7 @@ class WorkerProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            pytest.fail(f"worker {self.pid} did not exit in {timeout} s:\n{self.log()[-4000:]}")
+            return stop_process(self.proc, 0, fail=lambda: f"worker:\n{self.log()[-4000:]}")
 
     def close(self) -> None:
         # The test's store and broker are thrown away: no need for a graceful (slow) shutdown.
@@ -245,20 +245,7 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
 @pytest.fixture
 def wait_until() -> Callable[..., Any]:
     """``wait_until(predicate, timeout=30, interval=0.1, what="...")`` (see module docstring)."""
-    return _wait_until
-
-
-def _wait_until(
-    predicate: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(interval)
+    return testkit.wait_until
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -266,21 +253,7 @@ def _wait_until(
 
 def copy_config(*, steps: int = 200, delay: int = 5, **train: Any) -> JobConfig:
     """A tiny copy-task job (hidden 16): seconds of CPU, learns the task in a few hundred steps."""
-    return JobConfig.from_dict(
-        {
-            "task": {"kind": "copy", "delay": delay, "eval_size": 64},
-            "model": {"cell": "kru", "hidden_size": 16},
-            "train": {
-                "steps": steps,
-                "batch_size": 16,
-                "lr": 0.01,
-                "eval_every": 50,
-                "checkpoint_every": 50,
-                "device": "cpu",
-                **train,
-            },
-        }
-    )
+    return JobConfig.from_dict(testkit.copy_job(steps=steps, delay=delay, **train))
 
 
 @pytest.fixture

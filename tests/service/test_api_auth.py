@@ -38,7 +38,7 @@ def protected_operations(client: TestClient) -> list[tuple[str, str]]:
 
 def test_every_v1_route_is_protected_and_health_is_open(client: TestClient) -> None:
     operations = protected_operations(client)
-    assert len(operations) == 16  # every route of design.md section 4
+    assert len(operations) == 24  # every route of docs/api.md
     for method, template, path in operations:
         if template in OPEN_PATHS:
             assert client.request(method, path).status_code == 200, template

@@ -41,7 +41,7 @@ def test_defaults_give_kru_core_defaults() -> None:
     [
         {"model": {"hidden_size": 32, "factors": [[2, 4], [4, 2], 4]}, "train": {"factor_lr": 0.5}},
         {"model": {"cell": "lstm", "hidden_size": 64}, "train": {"lr_schedule": "cosine"}},
-        {"task": {"kind": "text", "dataset_id": "abc", "seq_len": 50}, "name": "t"},
+        {"task": {"kind": "text", "dataset_id": "ab" * 16, "seq_len": 50}, "name": "t"},
         {"train": {"steps": 10.0, "seed": 3.0}},  # JSON integers written as 10.0
     ],
 )
@@ -73,3 +73,26 @@ def test_ranges_match(data: dict) -> None:
         JobSpec.model_validate(data)
     with pytest.raises(ConfigError):
         JobConfig.from_dict(data)
+
+
+def test_every_config_range_is_in_the_openapi() -> None:
+    """Each bound of kru_core's RANGES is what the docs show (the seed narrowed to JSON's)."""
+    from app.main import create_app
+    from app.schemas import MAX_JSON_INT
+    from kru_core.config import RANGES
+
+    components = create_app().openapi()["components"]["schemas"]
+    names = {"task": "TaskSpec", "model": "ModelSpec", "train": "TrainSpec"}
+    keys = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum"}
+    for path, bounds in RANGES.items():
+        section, field = path.split(".")
+        prop = components[names[section]]["properties"][field]
+        shown = (
+            prop
+            if "anyOf" not in prop
+            else next(p for p in prop["anyOf"] if "type" in p and p["type"] != "null")
+        )
+        expected = {keys[k]: v for k, v in bounds.bounds().items()}
+        if path == "train.seed":
+            expected["maximum"] = MAX_JSON_INT
+        assert {k: shown[k] for k in expected if k in shown} == expected, path

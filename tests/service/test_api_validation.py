@@ -326,7 +326,7 @@ def test_dataset_with_bad_lines_lists_each_line(client: TestClient, settings: Se
         pytest.param(
             "latin1.txt",
             "caf\xe9".encode("latin-1"),
-            "file: 1 error in dataset: line 1: not valid UTF-8 (byte 4 of the line)",
+            "file: not UTF-8 text (the first bad byte is on line 1): upload a JSONL or text file",
             id="not-utf8",
         ),
         pytest.param(
@@ -342,6 +342,33 @@ def test_bad_dataset_file_is_422(
     client: TestClient, settings: Settings, name: str, content: bytes, detail: str
 ) -> None:
     assert_error(upload(client, name, content), 422, detail, "file")
+    assert_nothing_stored(settings)
+
+
+def test_binary_upload_is_one_not_utf8_error(client: TestClient, settings: Settings) -> None:
+    content = (
+        b"header line\n" + bytes(range(256)) * 30
+    )  # binary; its first byte >= 0x80 follows one newline of it
+    response = upload(client, "blob.bin", content)
+    assert_error(
+        response,
+        422,
+        "file: not UTF-8 text (the first bad byte is on line 3): upload a JSONL or text file",
+        "file",
+    )
+    assert response.json()["errors"] == [{"field": "file", "line": 3, "message": "not UTF-8 text"}]
+    assert len(response.content) < 1000
+    assert_nothing_stored(settings)
+
+
+def test_upload_error_list_is_capped(client: TestClient, settings: Settings) -> None:
+    content = b"\n".join([b'{"input": [1], "target": 0}', *[b"{bad"] * 250])
+    response = upload(client, "bad.jsonl", content)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert [e["line"] for e in body["errors"]] == list(range(2, 102))
+    assert body["errors_total"] == 250
+    assert body["detail"].startswith("file: 250 errors in dataset: line 2: invalid JSON")
     assert_nothing_stored(settings)
 
 

@@ -34,7 +34,8 @@ def test_lifecycle_queued_running_succeeded_with_progress_metrics_and_model(
     small_copy_config: Callable[..., JobConfig],
 ) -> None:
     job = service.submit_job(
-        small_copy_config(steps=60, eval_every=20, checkpoint_every=20), name="lifecycle"
+        small_copy_config(steps=60, eval_every=20, checkpoint_every=20, log_every=5),
+        name="lifecycle",
     )
     assert job.status == "queued"
     worker = worker_process(service_env)
@@ -66,6 +67,7 @@ def test_lifecycle_queued_running_succeeded_with_progress_metrics_and_model(
     assert all("eval_loss" in p and "eval_accuracy" in p for p in evals)
     train = [p for p in history if p["phase"] == "train"]
     assert len(train) >= 2 and all("loss" in p for p in train)
+    assert set(range(5, 61, 5)) <= {p["step"] for p in train}  # every train.log_every steps
     assert [p["step"] for p in train] == sorted(p["step"] for p in train)
     assert {p["attempt"] for p in history} == {1}
     assert all(p["time"].endswith("Z") for p in history)
@@ -124,7 +126,8 @@ def test_failures_end_failed_with_a_readable_error(
 ) -> None:
     rows = b"".join(b'{"input": [1, 2, 3], "target": %d}\n' % (i % 2) for i in range(40))
     corrupted = service.create_dataset("data.jsonl", rows)
-    deleted = service.create_dataset("gone.jsonl", rows)
+    # other bytes: uploads of the same bytes are one dataset (deduplicated per key)
+    deleted = service.create_dataset("gone.jsonl", rows + b'{"input": [3], "target": 1}\n')
     datasets_dir = sqlite_env.settings.datasets_dir
     (datasets_dir / f"{corrupted.id}.jsonl").write_bytes(rows + b'{"input": "x"}\n')
     (datasets_dir / f"{deleted.id}.jsonl").unlink()

@@ -1,0 +1,464 @@
+"""Streaming prediction sessions: a model's hidden state carried over between chunks.
+
+A session is a row of the job store's ``sessions`` table (:class:`worker.models.StreamSession`):
+SQLite in the embedded default, PostgreSQL in deployments, so the state survives an API restart
+and every API replica continues any session. Each chunk's step is exactly-once by its
+``position`` (the steps already consumed): the write is conditional on the position read, so of
+two replicas advancing the same session from the same position one wins and the other answers
+``409`` (or, for the same inputs, the winner's answer). A retry of the last chunk (same position,
+same inputs) returns the stored answer without advancing.
+
+Sessions idle past their TTL are gone (``404``; expired rows are deleted when sessions are
+created and when one is read); at most ``KRU_MAX_SESSIONS`` live at once (:class:`TooManySessions`,
+``429``). Each API process keeps the rows it last wrote (:data:`CACHE_SIZE` of them): a
+session's next chunk then skips the read, and the conditional write still decides (a row another
+replica moved on, deleted or let expire is read again). The forward passes of session steps are
+batched across sessions like predictions
+(:class:`app.predictor.Predictor`, kind ``session``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from sqlalchemy import delete, func, select, text, update
+from starlette.concurrency import run_in_threadpool
+
+from app.schemas import MAX_JSON_INT, JsonInt
+from kru_core.errors import InputError
+from kru_core.inference import state_from_bytes, state_to_bytes
+from worker import context
+from worker.errors import Conflict, NotFound
+from worker.ids import new_id
+from worker.models import StreamSession, utcnow
+
+_CREATE_LOCK = (
+    0x6B72_7513  # PostgreSQL advisory lock of session creation (the KRU_MAX_SESSIONS count)
+)
+MAX_TTL_SECONDS = 7 * 24 * 3600
+#: Session rows an API process remembers after writing them.
+CACHE_SIZE = 4096
+
+
+class TooManySessions(Exception):
+    """``KRU_MAX_SESSIONS`` sessions are open: answered ``429`` with ``Retry-After``."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class PositionConflict(Conflict):
+    """A chunk's ``position`` is not the session's (``409``, naming the current one)."""
+
+    def __init__(self, detail: str, position: int) -> None:
+        super().__init__(detail)
+        self.position = position
+
+
+# --- schemas ----------------------------------------------------------------------------------
+
+_CHUNK_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"anyOf": [{"type": "integer"}, {"type": "number"}]},
+            "description": "tokens (ints), or one number per step for 1-feature models",
+        },
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+            "description": "feature vectors",
+        },
+        {"type": "string", "minLength": 1, "description": "text models: characters"},
+    ]
+}
+Chunk = Annotated[
+    Annotated[list[Any], Field(min_length=1)] | Annotated[str, Field(min_length=1)],
+    WithJsonSchema(_CHUNK_SCHEMA),
+]
+
+
+class SessionCreate(BaseModel):
+    """Options of a new session (the body is optional)."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"ttl_seconds": 600}]}
+    )
+
+    ttl_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_TTL_SECONDS,
+        allow_inf_nan=False,
+        description="seconds the session lives idle; null: KRU_SESSION_TTL",
+    )
+
+
+class SessionInfo(BaseModel):
+    """A streaming session."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3c1f9a0e5b7d4c2a8e6f0b1d3a5c7e9f",
+                    "model_id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
+                    "position": 0,
+                    "ttl_seconds": 600.0,
+                    "created_at": "2026-01-05T10:05:00Z",
+                    "expires_at": "2026-01-05T10:15:00Z",
+                }
+            ]
+        },
+    )
+
+    id: str
+    model_id: str
+    position: int = Field(description="steps consumed so far: the next chunk's position")
+    ttl_seconds: float = Field(description="idle seconds before the session expires")
+    created_at: datetime
+    expires_at: datetime = Field(description="when it expires unless a chunk comes first")
+
+
+class SessionPredictRequest(BaseModel):
+    """One chunk of a streamed sequence."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"inputs": [3, 1, 4, 1, 5], "position": 0}]},
+    )
+
+    inputs: Chunk = Field(
+        description="the chunk's steps: tokens, feature vectors, or a string (text models)"
+    )
+    position: JsonInt = Field(
+        ge=0, le=MAX_JSON_INT, description="steps already sent (the session's position)"
+    )
+
+
+class SessionPredictResponse(BaseModel):
+    """The predictions of one chunk."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "session_id": "3c1f9a0e5b7d4c2a8e6f0b1d3a5c7e9f",
+                    "position": 5,
+                    "predictions": [0, 0, 0, 0, 0],
+                }
+            ]
+        }
+    )
+
+    session_id: str
+    position: int = Field(description="the session's position after this chunk")
+    predictions: list[Any] = Field(
+        description="per-step models: one label per step of the chunk; sequence models: one "
+        "value, the prediction after the chunk's last step (of everything sent so far)"
+    )
+
+
+# --- store ------------------------------------------------------------------------------------
+
+
+def _info(row: StreamSession) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "model_id": row.model_id,
+        "position": row.position,
+        "ttl_seconds": row.ttl_seconds,
+        "created_at": row.created_at,
+        "expires_at": row.expires_at,
+    }
+
+
+def digest(inputs: Any) -> str:
+    """A chunk's fingerprint (SHA-256 of its canonical JSON): a retry must send the same."""
+    return hashlib.sha256(json.dumps(inputs, separators=(",", ":")).encode()).hexdigest()
+
+
+def create_session(model_id: str, *, ttl_seconds: float, max_sessions: int) -> dict[str, Any]:
+    """A new session at position 0; :class:`TooManySessions` when ``max_sessions`` live."""
+    store = context.current().store
+    now = utcnow()
+    with store.writing() as db:
+        if not store.is_sqlite:  # SQLite: BEGIN IMMEDIATE already serialises the writers
+            db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
+        db.execute(delete(StreamSession).where(StreamSession.expires_at <= now))
+        count = db.scalar(select(func.count()).select_from(StreamSession)) or 0
+        if count >= max_sessions:
+            soonest = db.scalar(select(func.min(StreamSession.expires_at)))
+            wait = (soonest - now).total_seconds() if soonest is not None else 1.0
+            raise TooManySessions(
+                f"{count} sessions are open (the limit is KRU_MAX_SESSIONS={max_sessions}): "
+                "delete finished ones (DELETE /v1/sessions/{id})",
+                max(1, int(wait) + 1),
+            )
+        row = StreamSession(
+            id=new_id(),
+            model_id=model_id,
+            position=0,
+            state=None,
+            ttl_seconds=ttl_seconds,
+            created_at=now,
+            updated_at=now,
+            expires_at=now + timedelta(seconds=ttl_seconds),
+        )
+        db.add(row)
+        db.flush()
+        return _info(row)
+
+
+class SessionRow:
+    """What a session step needs of a row (a copy: safe to keep between requests)."""
+
+    __slots__ = (
+        "decoded", "expires_at", "id", "last_answer", "last_digest", "last_position",
+        "model_id", "position", "state", "ttl_seconds",
+    )  # fmt: skip
+
+    def __init__(self, **values: Any) -> None:
+        self.decoded: Any = None
+        for name, value in values.items():
+            setattr(self, name, value)
+
+
+_cache: OrderedDict[str, SessionRow] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _remember(row: SessionRow) -> None:
+    with _cache_lock:
+        _cache[row.id] = row
+        _cache.move_to_end(row.id)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+
+
+def _forget(session_id: str) -> None:
+    with _cache_lock:
+        _cache.pop(session_id, None)
+
+
+def cached_session(session_id: str, position: int) -> SessionRow | None:
+    """The row this process last wrote, if it is at ``position`` and not expired by its own
+    clock (the write that follows is conditional on both)."""
+    with _cache_lock:
+        row = _cache.get(session_id)
+    if row is None or row.position != position or row.expires_at <= utcnow():
+        return None
+    return row
+
+
+def count_sessions() -> int:
+    """Sessions open now (not expired)."""
+    with context.current().store.reading() as db:
+        query = select(func.count()).where(StreamSession.expires_at > utcnow())
+        return db.scalar(query) or 0
+
+
+def _live(row: StreamSession | None, session_id: str) -> StreamSession:
+    if row is None or row.expires_at <= utcnow():
+        raise NotFound(f"session {session_id!r} not found (unknown, deleted or expired)")
+    return row
+
+
+def get_session(session_id: str) -> dict[str, Any]:
+    """The session's info; NotFound when unknown, deleted or expired."""
+    with context.current().store.reading() as db:
+        return _info(_live(db.get(StreamSession, session_id), session_id))
+
+
+def load_session(session_id: str) -> StreamSession:
+    """The session's row (state included); NotFound when unknown, deleted or expired."""
+    with context.current().store.reading() as db:
+        return _live(db.get(StreamSession, session_id), session_id)
+
+
+def delete_session(session_id: str) -> None:
+    """Delete a session; NotFound when there is none."""
+    with context.current().store.writing() as db:
+        row = db.get(StreamSession, session_id)
+        _forget(session_id)
+        _live(row, session_id)
+        db.delete(row)
+
+
+def replay(
+    row: StreamSession | SessionRow, position: int, chunk_digest: str
+) -> dict[str, Any] | None:
+    """The stored answer when this chunk is a retry of the session's last one, else None;
+    :class:`PositionConflict` when ``position`` is neither the current one nor that retry."""
+    if row.last_position == position and row.last_digest == chunk_digest and row.last_answer:
+        return row.last_answer
+    if position != row.position:
+        raise PositionConflict(
+            f"position {position} is not the session's current position {row.position}: send "
+            f"the chunk that starts at step {row.position}",
+            row.position,
+        )
+    return None
+
+
+@dataclass
+class Advance:
+    """One chunk's result to store: the session moves from ``position`` by ``steps``."""
+
+    row: StreamSession | SessionRow
+    position: int
+    steps: int
+    chunk_digest: str
+    state: Any
+    answer: dict[str, Any]
+
+
+def advance_many(advances: Sequence[Advance]) -> list[dict[str, Any] | Exception]:
+    """Store the states after several chunks in one transaction (a group commit), each write
+    conditional on its session still being at its ``position`` (one writer wins). For each: the
+    answer to return (the winner's, for a concurrent duplicate), or the NotFound /
+    PositionConflict to raise."""
+    now = utcnow()
+    won = []
+    with context.current().store.writing() as db:
+        for item in advances:
+            expires = now + timedelta(seconds=item.row.ttl_seconds)
+            result = db.execute(
+                update(StreamSession)
+                .where(
+                    StreamSession.id == item.row.id,
+                    StreamSession.position == item.position,
+                    StreamSession.expires_at > now,
+                )
+                .values(
+                    position=item.position + item.steps,
+                    state=state_to_bytes(item.state),
+                    last_position=item.position,
+                    last_digest=item.chunk_digest,
+                    last_answer=item.answer,
+                    updated_at=now,
+                    expires_at=expires,
+                )
+            )
+            won.append(result.rowcount == 1)
+    out: list[dict[str, Any] | Exception] = []
+    for item, ok in zip(advances, won, strict=True):
+        if ok:
+            _remember(
+                SessionRow(
+                    id=item.row.id,
+                    model_id=item.row.model_id,
+                    position=item.position + item.steps,
+                    state=None,
+                    decoded=item.state,
+                    last_position=item.position,
+                    last_digest=item.chunk_digest,
+                    last_answer=item.answer,
+                    ttl_seconds=item.row.ttl_seconds,
+                    expires_at=now + timedelta(seconds=item.row.ttl_seconds),
+                )
+            )
+            out.append(item.answer)
+            continue
+        _forget(item.row.id)
+        try:  # another writer advanced it (or it expired: 404)
+            current = load_session(item.row.id)
+            stored = replay(current, item.position, item.chunk_digest)
+            if stored is None:  # pragma: no cover - the row moved on, then back: impossible
+                raise PositionConflict("the session moved on", current.position)
+            out.append(stored)
+        except (NotFound, PositionConflict) as exc:
+            out.append(exc)
+    return out
+
+
+def advance(row: StreamSession | SessionRow, **fields: Any) -> dict[str, Any]:
+    """:func:`advance_many` of one chunk; raises its NotFound or PositionConflict."""
+    result = advance_many([Advance(row, **fields)])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+class GroupCommit:
+    """Writes of session steps that arrive while a transaction runs go in the next one (SQLite
+    takes one writer at a time: one transaction per chunk bound 32 sessions to the store)."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Advance, asyncio.Future[Any]]] = []
+        self._running = False
+
+    async def advance(self, item: Advance) -> dict[str, Any]:
+        """Store ``item`` with the others waiting; its answer, or its error raised."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await run_in_threadpool(advance_many, [item for item, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._running = False
+
+
+_group_commits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommit] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def store_step(item: Advance) -> dict[str, Any]:
+    """Store a chunk's result through this event loop's :class:`GroupCommit`."""
+    loop = asyncio.get_running_loop()
+    group = _group_commits.get(loop)
+    if group is None:
+        group = _group_commits[loop] = GroupCommit()
+    return await group.advance(item)
+
+
+def stored_state(row: StreamSession | SessionRow) -> Any:
+    """The hidden state after the session's steps (None at position 0: zeros)."""
+    if isinstance(row, SessionRow) and row.decoded is not None:
+        return row.decoded
+    return state_from_bytes(row.state) if row.state is not None else None
+
+
+def chunk_error(exc: InputError) -> InputError:
+    """An InputError of ``inputs.0...`` (the chunk as a one-sequence request) as ``inputs...``."""
+    field = exc.field
+    if field == "inputs.0" or field.startswith("inputs.0."):
+        field = "inputs" + field[len("inputs.0") :]
+    return InputError(field, exc.message)
