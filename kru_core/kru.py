@@ -69,15 +69,18 @@ def resolve_dtypes(dtype: torch.dtype | None, is_complex: bool) -> tuple[torch.d
     return real, (real.to_complex() if is_complex else real)
 
 
-def random_unitary_(w: Tensor) -> Tensor:
+def random_unitary_(w: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Fill ``w`` (``P×Q``) with a random unitary (orthogonal if real) matrix, in place.
 
     QR of a Gaussian matrix with the phases of ``R``'s diagonal absorbed into ``Q`` (Haar
     distributed). A rectangular factor gets orthonormal columns (``P > Q``) or rows (``P < Q``).
+    ``generator`` draws the Gaussian (torch's global one by default).
     """
     p, q = w.shape
     tall = p >= q
-    g = torch.randn((p, q) if tall else (q, p), dtype=w.dtype, device=w.device)
+    g = torch.randn(
+        (p, q) if tall else (q, p), dtype=w.dtype, device=w.device, generator=generator
+    )
     qmat, r = torch.linalg.qr(g)
     d = torch.diagonal(r)
     phase = d / d.abs().clamp_min(torch.finfo(d.abs().dtype).tiny)

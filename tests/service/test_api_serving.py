@@ -504,7 +504,11 @@ def test_a_client_that_hangs_up_over_http_gets_its_work_dropped(
         assert http.post(url, json={"inputs": [[1]]}).status_code == 200  # loaded
         first = threading.Thread(target=lambda: http.post(url, json=heavy, timeout=120))
         first.start()
-        time.sleep(0.5)  # the heavy request is being validated or computed
+        with api.client() as watch:  # wait until the heavy forward pass has started
+            deadline = time.monotonic() + 60
+            while _metric(watch.get("/metrics").text, 'kru_batch_size_count{kind="predict"}') < 2:
+                assert time.monotonic() < deadline, "the heavy request never reached the model"
+                time.sleep(0.05)
         port = int(api.base_url.rsplit(":", 1)[1])
         raw = json.dumps({"inputs": [[3]]}).encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
