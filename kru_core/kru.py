@@ -78,9 +78,7 @@ def random_unitary_(w: Tensor, generator: torch.Generator | None = None) -> Tens
     """
     p, q = w.shape
     tall = p >= q
-    g = torch.randn(
-        (p, q) if tall else (q, p), dtype=w.dtype, device=w.device, generator=generator
-    )
+    g = torch.randn((p, q) if tall else (q, p), dtype=w.dtype, device=w.device, generator=generator)
     qmat, r = torch.linalg.qr(g)
     d = torch.diagonal(r)
     phase = d / d.abs().clamp_min(torch.finfo(d.abs().dtype).tiny)
