@@ -43,20 +43,49 @@ task kinds: copy (delay), adding (length), mnist (permuted; needs
 text (a UTF-8 text file: --dataset, seq_len). Cells: kru, kru_lstm, rnn, lstm.
 """
 
+#: The type of the ``subparsers`` that each ``add_<name>`` function registers its command on.
+Subparsers = argparse._SubParsersAction
+
+
+def _add_command(
+    subparsers: Subparsers,
+    name: str,
+    summary: str,
+    description: str,
+    *,
+    handler: Callable[[argparse.Namespace], int] | None = None,
+    **options: Any,
+) -> argparse.ArgumentParser:
+    """Register the (sub)command ``name`` on ``subparsers`` and return its parser.
+
+    Args:
+        subparsers: what ``add_subparsers()`` returned.
+        name: the command's word.
+        summary: its line in the parent's ``--help``.
+        description: the text at the top of its own ``--help``.
+        handler: ``run_<name>(args) -> exit code``; ``None`` for a command whose subcommands
+            have the handlers.
+        options: more ``add_parser`` arguments (``epilog``, ``formatter_class``).
+    """
+    p = subparsers.add_parser(name, help=summary, description=description, **options)
+    if handler is not None:
+        p.set_defaults(handler=handler)
+    return p
+
 
 # -- train -----------------------------------------------------------------------------------
 
 
-def add_train(subparsers: argparse._SubParsersAction) -> None:
+def add_train(subparsers: Subparsers) -> None:
     """Register ``kru train``."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "train",
-        help="train a model from a job config file",
-        description=(
-            "Train a model from a job config file. Checkpoints go to --out; rerunning the same "
-            "command resumes from the latest one. Ctrl-C stops cleanly (a checkpoint is saved); "
-            "a second Ctrl-C aborts."
-        ),
+        "train a model from a job config file",
+        "Train a model from a job config file. Checkpoints go to --out; rerunning the same "
+        "command resumes from the latest one. Ctrl-C stops cleanly (a checkpoint is saved); "
+        "a second Ctrl-C aborts.",
+        handler=run_train,
         epilog=EXAMPLE_CONFIG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -87,7 +116,6 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         "--no-resume", action="store_true", help="start at step 0 even if --out has checkpoints"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -273,18 +301,18 @@ class _ProgressBar:
 # -- predict ---------------------------------------------------------------------------------
 
 
-def add_predict(subparsers: argparse._SubParsersAction) -> None:
+def add_predict(subparsers: Subparsers) -> None:
     """Register ``kru predict``."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "predict",
-        help="run a trained model on a JSON file of inputs",
-        description=(
-            'Run a trained model on FILE ({"inputs": [sequence, ...]}) and print '
-            '{"predictions": [...]}: one label per step for per-step tasks (copy, sequence '
-            "labelling, text), one value per sequence for classification and regression. "
-            "Token models take lists of ints (text models also strings), feature models lists "
-            "of feature vectors."
-        ),
+        "run a trained model on a JSON file of inputs",
+        'Run a trained model on FILE ({"inputs": [sequence, ...]}) and print '
+        '{"predictions": [...]}: one label per step for per-step tasks (copy, sequence '
+        "labelling, text), one value per sequence for classification and regression. "
+        "Token models take lists of ints (text models also strings), feature models lists "
+        "of feature vectors.",
+        handler=run_predict,
     )
     p.add_argument("model", type=Path, metavar="DIR", help="a run directory or checkpoint")
     p.add_argument(
@@ -296,7 +324,6 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--probabilities", action="store_true", help="also print class probabilities")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    p.set_defaults(handler=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -335,20 +362,19 @@ def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
 
 
-def add_serve(subparsers: argparse._SubParsersAction) -> None:
+def add_serve(subparsers: Subparsers) -> None:
     """Register ``kru serve``."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "serve",
-        help="run the API and one worker on this machine (no server needed)",
-        description=(
-            "Run the HTTP API and one training worker (a subprocess) on this machine. By default "
-            "the job store is SQLite and the broker kombu's SQLAlchemy transport, both in "
-            "KRU_DATA_DIR (./.kru). Ctrl-C or SIGTERM stops both; a running job saves a "
-            "checkpoint and resumes at the next start."
-        ),
+        "run the API and one worker on this machine (no server needed)",
+        "Run the HTTP API and one training worker (a subprocess) on this machine. By default "
+        "the job store is SQLite and the broker kombu's SQLAlchemy transport, both in "
+        "KRU_DATA_DIR (./.kru). Ctrl-C or SIGTERM stops both; a running job saves a "
+        "checkpoint and resumes at the next start.",
+        handler=run_serve,
     )
     _add_listen_arguments(p)
-    p.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -358,15 +384,16 @@ def run_serve(args: argparse.Namespace) -> int:
     return runner.run_serve(args.host, args.port, _service_settings(), app_factory=create_app)
 
 
-def add_api(subparsers: argparse._SubParsersAction) -> None:
+def add_api(subparsers: Subparsers) -> None:
     """Register ``kru api``."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "api",
-        help="run the HTTP API only (deployments; workers run with `kru worker`)",
-        description="Run the HTTP API only, with the store and broker of the KRU_* settings.",
+        "run the HTTP API only (deployments; workers run with `kru worker`)",
+        "Run the HTTP API only, with the store and broker of the KRU_* settings.",
+        handler=run_api,
     )
     _add_listen_arguments(p)
-    p.set_defaults(handler=run_api)
 
 
 def run_api(args: argparse.Namespace) -> int:
@@ -384,18 +411,17 @@ def run_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_worker(subparsers: argparse._SubParsersAction) -> None:
+def add_worker(subparsers: Subparsers) -> None:
     """Register ``kru worker``."""
-    p = subparsers.add_parser(
+    _add_command(
+        subparsers,
         "worker",
-        help="run a training worker (deployments: one per GPU)",
-        description=(
-            "Run a Celery worker that trains jobs one at a time (--pool solo, concurrency 1), "
-            "with the store and broker of the KRU_* settings. SIGTERM: the running job saves a "
-            "checkpoint and goes back to the queue, then the worker exits."
-        ),
+        "run a training worker (deployments: one per GPU)",
+        "Run a Celery worker that trains jobs one at a time (--pool solo, concurrency 1), "
+        "with the store and broker of the KRU_* settings. SIGTERM: the running job saves a "
+        "checkpoint and goes back to the queue, then the worker exits.",
+        handler=run_worker,
     )
-    p.set_defaults(handler=run_worker)
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -423,39 +449,38 @@ def _check_schema(settings: Settings) -> None:
 # -- db --------------------------------------------------------------------------------------
 
 
-def add_db(subparsers: argparse._SubParsersAction) -> None:
+def add_db(subparsers: Subparsers) -> None:
     """Register ``kru db upgrade`` and ``kru db current``."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "db",
-        help="the job store's schema: upgrade it, show its revision",
-        description=(
-            "The job store's schema migrations (Alembic; worker/migrations), on the database of "
-            "KRU_DATABASE_URL (SQLite or PostgreSQL; default the SQLite file in KRU_DATA_DIR). "
-            "`kru api` and `kru worker` refuse to start on an older schema; `kru serve` "
-            "upgrades by itself."
-        ),
+        "the job store's schema: upgrade it, show its revision",
+        "The job store's schema migrations (Alembic; worker/migrations), on the database of "
+        "KRU_DATABASE_URL (SQLite or PostgreSQL; default the SQLite file in KRU_DATA_DIR). "
+        "`kru api` and `kru worker` refuse to start on an older schema; `kru serve` "
+        "upgrades by itself.",
     )
     sub = p.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
-    up = sub.add_parser(
+    up = _add_command(
+        sub,
         "upgrade",
-        help="migrate the schema to the code's revision (back up first)",
-        description=(
-            "Run the migrations up to the code's revision, in one transaction; processes "
-            "upgrading at the same time take turns. A database created before migrations "
-            "existed is recognised as 0001 (stamped) first. Idempotent."
-        ),
+        "migrate the schema to the code's revision (back up first)",
+        "Run the migrations up to the code's revision, in one transaction; processes "
+        "upgrading at the same time take turns. A database created before migrations "
+        "existed is recognised as 0001 (stamped) first. Idempotent.",
+        handler=run_db_upgrade,
     )
     up.add_argument("--revision", default="head", help="target revision (default: head)")
-    up.set_defaults(handler=run_db_upgrade)
-    cur = sub.add_parser(
+    cur = _add_command(
+        sub,
         "current",
-        help="print the database's schema revision and the code's",
-        description="Print the database's schema revision and the code's (head).",
+        "print the database's schema revision and the code's",
+        "Print the database's schema revision and the code's (head).",
+        handler=run_db_current,
     )
     cur.add_argument(
         "--check", action="store_true", help="exit 1 unless the schema is the code's (head)"
     )
-    cur.set_defaults(handler=run_db_current)
 
 
 def _store() -> Store:
@@ -500,8 +525,8 @@ def run_db_current(args: argparse.Namespace) -> int:
 
 #: The subcommands, in ``kru --help`` order. The service commands (``serve``, ``api``,
 #: ``worker``) are added here as ``add_serve``, ``add_api``, ``add_worker``: each registers its
-#: parser and ``set_defaults(handler=run_...)``, like :func:`add_train`.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+#: parser and its ``run_...`` handler with :func:`_add_command`, like :func:`add_train`.
+COMMANDS: list[Callable[[Subparsers], None]] = [
     add_train,
     add_predict,
     add_serve,

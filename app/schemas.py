@@ -9,8 +9,9 @@ the offending field before :meth:`kru_core.config.JobConfig.from_dict` runs its 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
@@ -38,6 +39,13 @@ from worker.views import JobStatus
 Item = TypeVar("Item")
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def example_config(example: dict[str, Any], **config: Any) -> ConfigDict:
+    """A model's ``model_config``: the ``config`` options and ``example`` as the example value
+    of its JSON Schema (shown in the OpenAPI docs)."""
+    return ConfigDict(**config, json_schema_extra={"examples": [example]})
+
 
 # Integers a JSON client can round-trip exactly (JavaScript, and JSON Schema validators that
 # compare through floats); seeds above it are refused although kru_core takes up to 2**63 - 1.
@@ -190,9 +198,7 @@ COPY_JOB_EXAMPLE: dict[str, Any] = {
 class JobSpec(BaseModel):
     """A training job: ``task``, ``model`` and ``train`` sections and an optional name."""
 
-    model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [COPY_JOB_EXAMPLE]}
-    )
+    model_config = example_config(COPY_JOB_EXAMPLE, extra="forbid", strict=True)
 
     name: str | None = Field(
         None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$", description="a label for people"
@@ -248,31 +254,27 @@ class JobProgress(BaseModel):
 class Job(BaseModel):
     """A training job and where it stands."""
 
-    model_config = ConfigDict(
-        from_attributes=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "8a1f0c3e6b2d4f5a9c7e1b3d5f7a9c0e",
-                    "name": "copy-demo",
-                    "status": "running",
-                    "config": COPY_JOB_EXAMPLE,
-                    "attempts": 1,
-                    "created_at": "2026-01-05T10:00:00Z",
-                    "started_at": "2026-01-05T10:00:01Z",
-                    "finished_at": None,
-                    "progress": {
-                        "step": 120,
-                        "total_steps": 300,
-                        "fraction": 0.4,
-                        "metrics": {"loss": 0.41, "eval_accuracy": 0.62},
-                    },
-                    "model_id": None,
-                    "error": None,
-                    "cancel_requested": False,
-                }
-            ]
+    model_config = example_config(
+        {
+            "id": "8a1f0c3e6b2d4f5a9c7e1b3d5f7a9c0e",
+            "name": "copy-demo",
+            "status": "running",
+            "config": COPY_JOB_EXAMPLE,
+            "attempts": 1,
+            "created_at": "2026-01-05T10:00:00Z",
+            "started_at": "2026-01-05T10:00:01Z",
+            "finished_at": None,
+            "progress": {
+                "step": 120,
+                "total_steps": 300,
+                "fraction": 0.4,
+                "metrics": {"loss": 0.41, "eval_accuracy": 0.62},
+            },
+            "model_id": None,
+            "error": None,
+            "cancel_requested": False,
         },
+        from_attributes=True,
     )
 
     id: str
@@ -299,6 +301,12 @@ class Page(BaseModel, Generic[Item]):
     limit: int
     offset: int
 
+    @classmethod
+    def listed(cls, lister: Callable[..., Any], query: PageQuery, **filters: Any) -> Self:
+        """The page that a :mod:`worker.service` ``list_...`` function returns for ``query``'s
+        ``limit`` and ``offset`` (and ``filters``, e.g. ``status``)."""
+        return cls.model_validate(lister(limit=query.limit, offset=query.offset, **filters))
+
 
 class JobList(Page[Job]):
     """A page of jobs, newest first."""
@@ -307,20 +315,16 @@ class JobList(Page[Job]):
 class MetricPoint(BaseModel):
     """One point of a job's metric history: where, when, and the metrics at that step."""
 
-    model_config = ConfigDict(
-        extra="allow",
-        json_schema_extra={
-            "examples": [
-                {
-                    "step": 100,
-                    "time": "2026-01-05T10:00:31Z",
-                    "attempt": 1,
-                    "phase": "eval",
-                    "eval_loss": 0.49,
-                    "eval_accuracy": 0.71,
-                }
-            ]
+    model_config = example_config(
+        {
+            "step": 100,
+            "time": "2026-01-05T10:00:31Z",
+            "attempt": 1,
+            "phase": "eval",
+            "eval_loss": 0.49,
+            "eval_accuracy": 0.71,
         },
+        extra="allow",
     )
 
     step: int
@@ -336,21 +340,17 @@ class MetricPoint(BaseModel):
 class Dataset(BaseModel):
     """An uploaded dataset; train on it with task kind ``dataset`` (JSONL) or ``text``."""
 
-    model_config = ConfigDict(
-        from_attributes=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "0b9d2f4a6c8e4a1b3d5f7a9c1e3b5d7f",
-                    "filename": "parity.jsonl",
-                    "kind": "jsonl",
-                    "size_bytes": 48213,
-                    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-                    "summary": {"examples": 1000, "target_kind": "class", "vocab_size": 2},
-                    "created_at": "2026-01-05T09:58:00Z",
-                }
-            ]
+    model_config = example_config(
+        {
+            "id": "0b9d2f4a6c8e4a1b3d5f7a9c1e3b5d7f",
+            "filename": "parity.jsonl",
+            "kind": "jsonl",
+            "size_bytes": 48213,
+            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "summary": {"examples": 1000, "target_kind": "class", "vocab_size": 2},
+            "created_at": "2026-01-05T09:58:00Z",
         },
+        from_attributes=True,
     )
 
     id: str = Field(description="the stored file is named by this id, never by filename")
@@ -373,29 +373,25 @@ class DatasetList(Page[Dataset]):
 class Model(BaseModel):
     """A trained model: the final checkpoint of a succeeded job."""
 
-    model_config = ConfigDict(
+    model_config = example_config(
+        {
+            "id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
+            "name": "copy-demo",
+            "job_id": "8a1f0c3e6b2d4f5a9c7e1b3d5f7a9c0e",
+            "config": COPY_JOB_EXAMPLE,
+            "task": {
+                "task_kind": "copy",
+                "target_kind": "class",
+                "vocab_size": 10,
+                "output_size": 10,
+                "per_step": True,
+            },
+            "metrics": {"eval_loss": 0.02, "eval_accuracy": 0.99},
+            "parameter_counts": {"total": 1450, "recurrent": 160},
+            "created_at": "2026-01-05T10:02:10Z",
+        },
         from_attributes=True,
         protected_namespaces=(),
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
-                    "name": "copy-demo",
-                    "job_id": "8a1f0c3e6b2d4f5a9c7e1b3d5f7a9c0e",
-                    "config": COPY_JOB_EXAMPLE,
-                    "task": {
-                        "task_kind": "copy",
-                        "target_kind": "class",
-                        "vocab_size": 10,
-                        "output_size": 10,
-                        "per_step": True,
-                    },
-                    "metrics": {"eval_loss": 0.02, "eval_accuracy": 0.99},
-                    "parameter_counts": {"total": 1450, "recurrent": 160},
-                    "created_at": "2026-01-05T10:02:10Z",
-                }
-            ]
-        },
     )
 
     id: str
@@ -425,17 +421,13 @@ TextSequence = Annotated[str, Field(min_length=1)]
 class PredictRequest(BaseModel):
     """Sequences to run through a model."""
 
-    model_config = ConfigDict(
+    model_config = example_config(
+        {
+            "inputs": [[3, 1, 4, 1, 5, 2, 6, 5, 3, 5, *[0] * 9, 9, *[0] * 10]],
+            "probabilities": False,
+        },
         extra="forbid",
         strict=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "inputs": [[3, 1, 4, 1, 5, 2, 6, 5, 3, 5, *[0] * 9, 9, *[0] * 10]],
-                    "probabilities": False,
-                }
-            ]
-        },
     )
 
     inputs: Annotated[
@@ -462,16 +454,12 @@ class PredictRequest(BaseModel):
 class PredictResponse(BaseModel):
     """Predictions: per-step tasks give one label per step, sequence tasks one value."""
 
-    model_config = ConfigDict(
-        protected_namespaces=(),
-        json_schema_extra={
-            "examples": [
-                {
-                    "model_id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
-                    "predictions": [[0] * 20 + [3, 1, 4, 1, 5, 2, 6, 5, 3, 5]],
-                }
-            ]
+    model_config = example_config(
+        {
+            "model_id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
+            "predictions": [[0] * 20 + [3, 1, 4, 1, 5, 2, 6, 5, 3, 5]],
         },
+        protected_namespaces=(),
     )
 
     model_id: str
@@ -482,13 +470,11 @@ class PredictResponse(BaseModel):
 class GenerateRequest(BaseModel):
     """Sample text from a character-level model."""
 
-    model_config = ConfigDict(
+    model_config = example_config(
+        {"prompt": "In the beginning", "max_new_tokens": 50, "temperature": 0.8},
         extra="forbid",
         strict=True,
         allow_inf_nan=False,
-        json_schema_extra={
-            "examples": [{"prompt": "In the beginning", "max_new_tokens": 50, "temperature": 0.8}]
-        },
     )
 
     prompt: str = Field(
@@ -505,17 +491,13 @@ class GenerateRequest(BaseModel):
 class GenerateResponse(BaseModel):
     """Generated text."""
 
-    model_config = ConfigDict(
-        protected_namespaces=(),
-        json_schema_extra={
-            "examples": [
-                {
-                    "model_id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
-                    "prompt": "In the beginning",
-                    "text": " God created the heaven and the earth.",
-                }
-            ]
+    model_config = example_config(
+        {
+            "model_id": "5d2c9e0a7b1f4e3a8c6d2b0f9e7a5c3d",
+            "prompt": "In the beginning",
+            "text": " God created the heaven and the earth.",
         },
+        protected_namespaces=(),
     )
 
     model_id: str
@@ -538,16 +520,12 @@ class ErrorItem(BaseModel):
 class ErrorResponse(BaseModel):
     """Every error body: a stable ``detail`` and, for invalid input, what was wrong where."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "detail": "train.lr: Input should be greater than 0",
-                    "field": "train.lr",
-                    "errors": [{"field": "train.lr", "message": "Input should be greater than 0"}],
-                }
-            ]
-        }
+    model_config = example_config(
+        {
+            "detail": "train.lr: Input should be greater than 0",
+            "field": "train.lr",
+            "errors": [{"field": "train.lr", "message": "Input should be greater than 0"}],
+        },
     )
 
     detail: str

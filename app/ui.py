@@ -9,7 +9,9 @@ sends it with its own ``/v1`` calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -27,6 +29,12 @@ def install_ui(app: FastAPI) -> None:
     their scripts from a CDN).
     """
     vendor = f"{ASSETS}/vendor"
+    favicon = f"{vendor}/swagger-ui/favicon-32x32.png"
+
+    def docs_page(render: Callable[..., HTMLResponse], **assets: Any) -> HTMLResponse:
+        """``render`` (FastAPI's Swagger UI or ReDoc page) of the app's OpenAPI, with ``assets``."""
+        openapi_url = app.openapi_url or "/openapi.json"
+        return render(openapi_url=openapi_url, title=f"{app.title} API", **assets)
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:
@@ -34,21 +42,19 @@ def install_ui(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=f"{app.title} API",
+        return docs_page(
+            get_swagger_ui_html,
             swagger_js_url=f"{vendor}/swagger-ui/swagger-ui-bundle.js",
             swagger_css_url=f"{vendor}/swagger-ui/swagger-ui.css",
-            swagger_favicon_url=f"{vendor}/swagger-ui/favicon-32x32.png",
+            swagger_favicon_url=favicon,
         )
 
     @app.get("/redoc", include_in_schema=False)
     def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=f"{app.title} API",
+        return docs_page(
+            get_redoc_html,
             redoc_js_url=f"{vendor}/redoc/redoc.standalone.js",
-            redoc_favicon_url=f"{vendor}/swagger-ui/favicon-32x32.png",
+            redoc_favicon_url=favicon,
             with_google_fonts=False,
         )
 

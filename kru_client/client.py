@@ -99,16 +99,64 @@ class _SseParser:
         return None
 
 
-class Client:
-    """A synchronous client of a kru API.
+class _EventStream:
+    """The I/O-free part of ``events`` that :class:`Client` and :class:`AsyncClient` share.
 
-    Args:
-        base_url: e.g. ``http://127.0.0.1:8000``.
-        api_key: sent as ``Authorization: Bearer``; ``None`` for an open API.
-        timeout: seconds per request (the event stream waits without limit between events).
-        retries: attempts after the first for idempotent calls on 503 or connection errors.
-        backoff: the first retry's delay in seconds; each next one doubles it.
+    It builds the request that opens (or resumes, with ``Last-Event-ID``) a job's event stream,
+    turns the stream's lines into the events to pass on (each once, in order; :attr:`ended` after
+    ``end``) and decides, on a lost connection, how long to wait before resuming or when to give
+    up.
     """
+
+    def __init__(self, client: _ClientBase, job_id: str, after: int) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.after = after
+        self.failures = 0
+        self.ended = False
+        self._parser = _SseParser()
+
+    def request(self) -> dict[str, Any]:
+        """The ``stream()`` arguments of a (new) connection: it resumes after the last event."""
+        self._parser = _SseParser()
+        return {
+            "method": "GET",
+            "url": f"/v1/jobs/{self.job_id}/events",
+            "headers": {"Last-Event-ID": str(self.after), "Accept": "text/event-stream"},
+            "timeout": httpx.Timeout(self.client._http.timeout.connect, read=None),
+        }
+
+    def refused(self, response: httpx.Response) -> None:
+        """Raise for an error response (its body read): a ``503`` is retried like a lost
+        connection, any other error raises its :class:`KruApiError`."""
+        if response.status_code != 503:
+            _check(response)
+        raise httpx.RemoteProtocolError("503")
+
+    def feed(self, line: str) -> Event | None:
+        """The event that ``line`` completes, unless there is none or it was already passed on."""
+        event = self._parser.feed(line)
+        if event is None:
+            return None
+        self.failures = 0
+        if event.id is not None:
+            if event.id <= self.after:
+                return None
+            self.after = event.id
+        self.ended = event.event == "end"
+        return event
+
+    def lost(self, exc: Exception) -> float:
+        """The seconds to wait before resuming after a lost connection; ``ServiceUnavailable``
+        once more than the client's ``retries`` attempts in a row failed."""
+        self.failures += 1
+        if self.failures > self.client.retries:
+            raise ServiceUnavailable(f"event stream of {self.job_id} lost: {exc}") from exc
+        return self.client.backoff * 2 ** (self.failures - 1)
+
+
+class _ClientBase:
+    """The arguments and state that :class:`Client` and :class:`AsyncClient` share."""
 
     def __init__(
         self,
@@ -122,9 +170,28 @@ class Client:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
-        self._http = httpx.Client(
-            base_url=self.base_url, headers=_headers(api_key), timeout=timeout
-        )
+        self._http = self._connect(headers=_headers(api_key), timeout=timeout)
+
+    def _connect(self, *, headers: dict[str, str], timeout: float) -> Any:
+        """The httpx client (sync or async) the calls go through."""
+        raise NotImplementedError
+
+
+class Client(_ClientBase):
+    """A synchronous client of a kru API.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000``.
+        api_key: sent as ``Authorization: Bearer``; ``None`` for an open API.
+        timeout: seconds per request (the event stream waits without limit between events).
+        retries: attempts after the first for idempotent calls on 503 or connection errors.
+        backoff: the first retry's delay in seconds; each next one doubles it.
+    """
+
+    _http: httpx.Client
+
+    def _connect(self, *, headers: dict[str, str], timeout: float) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
         """Close the connections."""
@@ -191,39 +258,20 @@ class Client:
         A dropped connection is resumed with ``Last-Event-ID``: every event comes once, in
         order.
         """
-        after = last_event_id
-        failures = 0
+        stream = _EventStream(self, job_id, last_event_id)
         while True:
-            parser = _SseParser()
             try:
-                with self._http.stream(
-                    "GET",
-                    f"/v1/jobs/{job_id}/events",
-                    headers={"Last-Event-ID": str(after), "Accept": "text/event-stream"},
-                    timeout=httpx.Timeout(self._http.timeout.connect, read=None),
-                ) as response:
+                with self._http.stream(**stream.request()) as response:
                     if response.status_code >= 400:
                         response.read()
-                        if response.status_code != 503:
-                            _check(response)
-                        raise httpx.RemoteProtocolError("503")
+                        stream.refused(response)
                     for line in response.iter_lines():
-                        event = parser.feed(line)
-                        if event is None:
-                            continue
-                        failures = 0
-                        if event.id is not None:
-                            if event.id <= after:
-                                continue
-                            after = event.id
-                        yield event
-                        if event.event == "end":
+                        if (event := stream.feed(line)) is not None:
+                            yield event
+                        if stream.ended:
                             return
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
-                failures += 1
-                if failures > self.retries:
-                    raise ServiceUnavailable(f"event stream of {job_id} lost: {exc}") from exc
-                time.sleep(self.backoff * 2 ** (failures - 1))
+                time.sleep(stream.lost(exc))
             # the stream ended without ``end`` (the server restarted): resume
 
     def metrics(self, job_id: str, *, rows: bool = False) -> list[MetricPoint] | list[dict]:
@@ -365,24 +413,15 @@ class Session:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """The asynchronous twin of :class:`Client` (same arguments, same methods, awaited)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        timeout: float = 30.0,
-        *,
-        retries: int = 4,
-        backoff: float = 0.25,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.retries = retries
-        self.backoff = backoff
-        self._http = httpx.AsyncClient(
+    _http: httpx.AsyncClient
+
+    def _connect(self, *, headers: dict[str, str], timeout: float) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             base_url=self.base_url,
-            headers=_headers(api_key),
+            headers=headers,
             timeout=timeout,
             limits=httpx.Limits(max_connections=64),
         )
@@ -440,39 +479,20 @@ class AsyncClient:
 
     async def events(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[Event]:
         """See :meth:`Client.events`."""
-        after = last_event_id
-        failures = 0
+        stream = _EventStream(self, job_id, last_event_id)
         while True:
-            parser = _SseParser()
             try:
-                async with self._http.stream(
-                    "GET",
-                    f"/v1/jobs/{job_id}/events",
-                    headers={"Last-Event-ID": str(after), "Accept": "text/event-stream"},
-                    timeout=httpx.Timeout(self._http.timeout.connect, read=None),
-                ) as response:
+                async with self._http.stream(**stream.request()) as response:
                     if response.status_code >= 400:
                         await response.aread()
-                        if response.status_code != 503:
-                            _check(response)
-                        raise httpx.RemoteProtocolError("503")
+                        stream.refused(response)
                     async for line in response.aiter_lines():
-                        event = parser.feed(line)
-                        if event is None:
-                            continue
-                        failures = 0
-                        if event.id is not None:
-                            if event.id <= after:
-                                continue
-                            after = event.id
-                        yield event
-                        if event.event == "end":
+                        if (event := stream.feed(line)) is not None:
+                            yield event
+                        if stream.ended:
                             return
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
-                failures += 1
-                if failures > self.retries:
-                    raise ServiceUnavailable(f"event stream of {job_id} lost: {exc}") from exc
-                await asyncio.sleep(self.backoff * 2 ** (failures - 1))
+                await asyncio.sleep(stream.lost(exc))
 
     async def metrics(self, job_id: str, *, rows: bool = False) -> list[MetricPoint] | list[dict]:
         """See :meth:`Client.metrics`."""

@@ -135,6 +135,7 @@ class Dataset(BaseModel):
     created_at: datetime
 
 
+# Mirrors worker/views.py's ModelView on purpose: kru_client never imports the server's packages.
 class Model(BaseModel):
     """A trained model."""
 

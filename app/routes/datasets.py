@@ -62,7 +62,7 @@ def delete_dataset(dataset_id: DatasetId, key: KeyName) -> Response:
 @router.get("", response_model=DatasetList, responses=error_responses(422))
 def list_datasets(query: Annotated[PageQuery, Query()]) -> DatasetList:
     """List uploaded datasets, newest first."""
-    return DatasetList.model_validate(service.list_datasets(limit=query.limit, offset=query.offset))
+    return DatasetList.listed(service.list_datasets, query)
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses=error_responses(404))

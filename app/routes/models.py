@@ -46,7 +46,7 @@ router = APIRouter(
 @router.get("", response_model=ModelList, responses=error_responses(422))
 def list_models(query: Annotated[PageQuery, Query()]) -> ModelList:
     """List trained models, newest first."""
-    return ModelList.model_validate(service.list_models(limit=query.limit, offset=query.offset))
+    return ModelList.listed(service.list_models, query)
 
 
 @router.get("/{model_id}", response_model=Model, responses=error_responses(404))

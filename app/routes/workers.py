@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 
 from fastapi import APIRouter, Security
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from app.auth import bearer_scheme
-from app.schemas import error_responses
+from app.schemas import error_responses, example_config
 from worker import service
 
 router = APIRouter(
@@ -22,25 +22,21 @@ router = APIRouter(
 class Worker(BaseModel):
     """A live worker process (its heartbeat is younger than ``KRU_HEARTBEAT_TIMEOUT``)."""
 
-    model_config = ConfigDict(
-        from_attributes=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "gpu-node-1:4121",
-                    "host": "gpu-node-1",
-                    "pid": 4121,
-                    "device": "cuda:0",
-                    "device_name": "NVIDIA H200",
-                    "memory_bytes": 150_000_000_000,
-                    "torch_version": "2.13.0+cu130",
-                    "cuda_version": "13.0",
-                    "job_id": "8a1f0c3e6b2d4f5a9c7e1b3d5f7a9c0e",
-                    "started_at": "2026-01-05T10:00:00Z",
-                    "heartbeat_at": "2026-01-05T10:02:10Z",
-                }
-            ]
+    model_config = example_config(
+        {
+            "name": "gpu-node-1:4121",
+            "host": "gpu-node-1",
+            "pid": 4121,
+            "device": "cuda:0",
+            "device_name": "NVIDIA H200",
+            "memory_bytes": 150_000_000_000,
+            "torch_version": "2.13.0+cu130",
+            "cuda_version": "13.0",
+            "job_id": "8a1f0c3e6b2d4f5a9c7e1b3d5f7a9c0e",
+            "started_at": "2026-01-05T10:00:00Z",
+            "heartbeat_at": "2026-01-05T10:02:10Z",
         },
+        from_attributes=True,
     )
 
     name: str = Field(description="host:pid, as in a job's worker")
