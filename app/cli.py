@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
-from app.cli_remote import add_jobs, add_models
+from app.cli_remote import add_jobs, add_models, add_sessions
 from worker.logs import configure_logging
 
 if TYPE_CHECKING:  # imported where they are used: the commands load torch only when they need it
@@ -535,6 +535,7 @@ COMMANDS: list[Callable[[Subparsers], None]] = [
     add_db,
     add_jobs,
     add_models,
+    add_sessions,
 ]
 
 

@@ -1,4 +1,5 @@
-"""Remote ``kru`` commands: ``kru jobs ...`` and ``kru models ...`` against a kru API.
+"""Remote ``kru`` commands: ``kru jobs ...``, ``kru models ...`` and ``kru sessions ...`` against
+a kru API.
 
 They run on top of :mod:`kru_client` (HTTP only; no torch is imported). The server is
 ``--url``/``--api-key``, or the ``KRU_URL``/``KRU_API_KEY`` settings (:class:`RemoteSettings`).
@@ -167,4 +168,90 @@ def run_models(args: argparse.Namespace) -> int:
                 seed=args.seed,
             )
             print(json.dumps(result.model_dump()))
+    return 0
+
+
+def add_sessions(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kru sessions stream|show|delete``."""
+    p = subparsers.add_parser(
+        "sessions",
+        help="streaming sessions on a kru API (remote): a sequence sent chunk by chunk",
+        description="Stream a sequence to a model chunk by chunk, its hidden state kept by the "
+        "API between chunks (POST /v1/models/{id}/sessions, docs/api.md 'Streaming sessions').",
+    )
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    stream = sub.add_parser(
+        "stream",
+        help="read chunks from --input (one JSON chunk a line, or - for stdin) and print each "
+        "chunk's predictions as it comes",
+    )
+    stream.add_argument("model_id", metavar="MODEL_ID")
+    stream.add_argument(
+        "--input", type=Path, default=Path("-"), metavar="FILE", help="- (default) for stdin"
+    )
+    stream.add_argument(
+        "--session",
+        metavar="SESSION_ID",
+        help="continue this open session from its position (default: open a new one)",
+    )
+    stream.add_argument("--ttl", type=float, help="idle seconds a new session lives")
+    stream.add_argument(
+        "--keep", action="store_true", help="leave the session open at the end (default: delete)"
+    )
+    show = sub.add_parser("show", help="a session's position and expiry")
+    show.add_argument("session_id", metavar="SESSION_ID")
+    delete = sub.add_parser("delete", help="close a session")
+    delete.add_argument("session_id", metavar="SESSION_ID")
+    for q in (stream, show, delete):
+        _add_remote_arguments(q)
+        q.set_defaults(handler=run_sessions)
+
+
+def _chunks(path: Path) -> Any:
+    """The chunks of ``path`` (or stdin), one JSON value a line, read as they arrive."""
+    lines = sys.stdin if str(path) == "-" else path.open(encoding="utf-8")
+    try:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"kru sessions: line {number}: not JSON: {exc}") from None
+    finally:
+        if lines is not sys.stdin:
+            lines.close()
+
+
+@_remote
+def run_sessions(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "show":
+            _print(client.get_session(args.session_id).info())
+            return 0
+        if args.action == "delete":
+            client.get_session(args.session_id).close()
+            return 0
+        if args.session:
+            session = client.get_session(args.session)
+            if session.model_id != args.model_id:
+                raise SystemExit(
+                    f"kru sessions: session {args.session} is on model {session.model_id}, "
+                    f"not {args.model_id}"
+                )
+        else:
+            session = client.session(args.model_id, ttl_seconds=args.ttl)
+        print(json.dumps({"session_id": session.id, "position": session.position}), flush=True)
+        try:
+            for chunk in _chunks(args.input):
+                predictions = session.predict(chunk)
+                print(json.dumps({"position": session.position, "predictions": predictions}),
+                      flush=True)  # fmt: skip
+        except BaseException:  # the state is kept: the stream can go on where it stopped
+            print(f"kru sessions: session {session.id} is left open at position "
+                  f"{session.position}; continue with --session {session.id}",
+                  file=sys.stderr)  # fmt: skip
+            raise
+        if not args.keep:
+            session.close()
     return 0

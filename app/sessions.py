@@ -1,20 +1,21 @@
 """Streaming prediction sessions: a model's hidden state carried over between chunks.
 
-A session is a row of the job store's ``sessions`` table (:class:`worker.models.StreamSession`):
-SQLite in the embedded default, PostgreSQL in deployments, so the state survives an API restart
-and every API replica continues any session. Each chunk's step is exactly-once by its
-``position`` (the steps already consumed): the write is conditional on the position read, so of
-two replicas advancing the same session from the same position one wins and the other answers
-``409`` (or, for the same inputs, the winner's answer). A retry of the last chunk (same position,
-same inputs) returns the stored answer without advancing.
+A session lives in the session store (:mod:`worker.session_store`): by default a row of the job
+store's ``sessions`` table (SQLite in the embedded default, PostgreSQL in deployments), or Redis
+with ``KRU_SESSION_STORE=redis://...``; either way the state survives an API restart and every
+API replica continues any session. Each chunk's step is exactly-once by its ``position`` (the
+steps already consumed): the write is conditional on the position read, so of two replicas
+advancing the same session from the same position one wins and the other answers ``409`` (or,
+for the same inputs, the winner's answer). A retry of the last chunk (same position, same
+inputs) returns the stored answer without advancing.
 
-Sessions idle past their TTL are gone (``404``; expired rows are deleted when sessions are
-created and when one is read); at most ``KRU_MAX_SESSIONS`` live at once (:class:`TooManySessions`,
-``429``). Each API process keeps the rows it last wrote (:data:`CACHE_SIZE` of them): a
-session's next chunk then skips the read, and the conditional write still decides (a row another
-replica moved on, deleted or let expire is read again). The forward passes of session steps are
-batched across sessions like predictions
-(:class:`app.predictor.Predictor`, kind ``session``).
+Sessions idle past their TTL are gone (``404``); at most ``KRU_MAX_SESSIONS`` live at once
+(:class:`TooManySessions`, ``429``). Each API process keeps the records it last wrote
+(:data:`CACHE_SIZE` of them): a session's next chunk then skips the read, and the conditional
+write still decides (a session another replica moved on, deleted or let expire is read again).
+The forward passes of session steps are batched across sessions like predictions
+(:class:`app.predictor.Predictor`, kind ``session``), and the writes of steps that finish
+together go to the store at once (:class:`GroupCommit`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
-from sqlalchemy import delete, func, select, text, update
 from starlette.concurrency import run_in_threadpool
 
 from app.schemas import MAX_JSON_INT, JsonInt
@@ -39,24 +39,13 @@ from kru_core.errors import InputError
 from kru_core.inference import state_from_bytes, state_to_bytes
 from worker import context
 from worker.errors import Conflict, NotFound
-from worker.ids import new_id
-from worker.models import StreamSession, utcnow
+from worker.models import utcnow
+from worker.session_store import SessionRecord, SessionStore, Step
+from worker.session_store import TooManySessions as TooManySessions  # raised by create_session
 
-_CREATE_LOCK = (
-    0x6B72_7513  # PostgreSQL advisory lock of session creation (the KRU_MAX_SESSIONS count)
-)
-MAX_TTL_SECONDS = 7 * 24 * 3600
 #: Session rows an API process remembers after writing them.
 CACHE_SIZE = 4096
-
-
-class TooManySessions(Exception):
-    """``KRU_MAX_SESSIONS`` sessions are open: answered ``429`` with ``Retry-After``."""
-
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.retry_after = retry_after
+MAX_TTL_SECONDS = 7 * 24 * 3600
 
 
 class PositionConflict(Conflict):
@@ -178,7 +167,11 @@ class SessionPredictResponse(BaseModel):
 # --- store ------------------------------------------------------------------------------------
 
 
-def _info(row: StreamSession) -> dict[str, Any]:
+def _store() -> SessionStore:
+    return context.current().sessions
+
+
+def _info(row: SessionRecord) -> dict[str, Any]:
     return {
         "id": row.id,
         "model_id": row.model_id,
@@ -196,55 +189,14 @@ def digest(inputs: Any) -> str:
 
 def create_session(model_id: str, *, ttl_seconds: float, max_sessions: int) -> dict[str, Any]:
     """A new session at position 0; :class:`TooManySessions` when ``max_sessions`` live."""
-    store = context.current().store
-    now = utcnow()
-    with store.writing() as db:
-        if not store.is_sqlite:  # SQLite: BEGIN IMMEDIATE already serialises the writers
-            db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
-        db.execute(delete(StreamSession).where(StreamSession.expires_at <= now))
-        count = db.scalar(select(func.count()).select_from(StreamSession)) or 0
-        if count >= max_sessions:
-            soonest = db.scalar(select(func.min(StreamSession.expires_at)))
-            wait = (soonest - now).total_seconds() if soonest is not None else 1.0
-            raise TooManySessions(
-                f"{count} sessions are open (the limit is KRU_MAX_SESSIONS={max_sessions}): "
-                "delete finished ones (DELETE /v1/sessions/{id})",
-                max(1, int(wait) + 1),
-            )
-        row = StreamSession(
-            id=new_id(),
-            model_id=model_id,
-            position=0,
-            state=None,
-            ttl_seconds=ttl_seconds,
-            created_at=now,
-            updated_at=now,
-            expires_at=now + timedelta(seconds=ttl_seconds),
-        )
-        db.add(row)
-        db.flush()
-        return _info(row)
+    return _info(_store().create(model_id, ttl_seconds=ttl_seconds, max_sessions=max_sessions))
 
 
-class SessionRow:
-    """What a session step needs of a row (a copy: safe to keep between requests)."""
-
-    __slots__ = (
-        "decoded", "expires_at", "id", "last_answer", "last_digest", "last_position",
-        "model_id", "position", "state", "ttl_seconds",
-    )  # fmt: skip
-
-    def __init__(self, **values: Any) -> None:
-        self.decoded: Any = None
-        for name, value in values.items():
-            setattr(self, name, value)
-
-
-_cache: OrderedDict[str, SessionRow] = OrderedDict()
+_cache: OrderedDict[str, SessionRecord] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _remember(row: SessionRow) -> None:
+def _remember(row: SessionRecord) -> None:
     with _cache_lock:
         _cache[row.id] = row
         _cache.move_to_end(row.id)
@@ -257,7 +209,7 @@ def _forget(session_id: str) -> None:
         _cache.pop(session_id, None)
 
 
-def cached_session(session_id: str, position: int) -> SessionRow | None:
+def cached_session(session_id: str, position: int) -> SessionRecord | None:
     """The row this process last wrote, if it is at ``position`` and not expired by its own
     clock (the write that follows is conditional on both)."""
     with _cache_lock:
@@ -269,41 +221,30 @@ def cached_session(session_id: str, position: int) -> SessionRow | None:
 
 def count_sessions() -> int:
     """Sessions open now (not expired)."""
-    with context.current().store.reading() as db:
-        query = select(func.count()).where(StreamSession.expires_at > utcnow())
-        return db.scalar(query) or 0
+    return _store().count()
 
 
-def _live(row: StreamSession | None, session_id: str) -> StreamSession:
-    if row is None or row.expires_at <= utcnow():
+def load_session(session_id: str) -> SessionRecord:
+    """The session's record (state included); NotFound when unknown, deleted or expired."""
+    row = _store().get(session_id)
+    if row is None:
         raise NotFound(f"session {session_id!r} not found (unknown, deleted or expired)")
     return row
 
 
 def get_session(session_id: str) -> dict[str, Any]:
     """The session's info; NotFound when unknown, deleted or expired."""
-    with context.current().store.reading() as db:
-        return _info(_live(db.get(StreamSession, session_id), session_id))
-
-
-def load_session(session_id: str) -> StreamSession:
-    """The session's row (state included); NotFound when unknown, deleted or expired."""
-    with context.current().store.reading() as db:
-        return _live(db.get(StreamSession, session_id), session_id)
+    return _info(load_session(session_id))
 
 
 def delete_session(session_id: str) -> None:
     """Delete a session; NotFound when there is none."""
-    with context.current().store.writing() as db:
-        row = db.get(StreamSession, session_id)
-        _forget(session_id)
-        _live(row, session_id)
-        db.delete(row)
+    _forget(session_id)
+    if not _store().delete(session_id):
+        raise NotFound(f"session {session_id!r} not found (unknown, deleted or expired)")
 
 
-def replay(
-    row: StreamSession | SessionRow, position: int, chunk_digest: str
-) -> dict[str, Any] | None:
+def replay(row: SessionRecord, position: int, chunk_digest: str) -> dict[str, Any] | None:
     """The stored answer when this chunk is a retry of the session's last one, else None;
     :class:`PositionConflict` when ``position`` is neither the current one nor that retry."""
     if row.last_position == position and row.last_digest == chunk_digest and row.last_answer:
@@ -321,7 +262,7 @@ def replay(
 class Advance:
     """One chunk's result to store: the session moves from ``position`` by ``steps``."""
 
-    row: StreamSession | SessionRow
+    row: SessionRecord
     position: int
     steps: int
     chunk_digest: str
@@ -330,38 +271,30 @@ class Advance:
 
 
 def advance_many(advances: Sequence[Advance]) -> list[dict[str, Any] | Exception]:
-    """Store the states after several chunks in one transaction (a group commit), each write
-    conditional on its session still being at its ``position`` (one writer wins). For each: the
-    answer to return (the winner's, for a concurrent duplicate), or the NotFound /
-    PositionConflict to raise."""
+    """Store the states after several chunks at once (a group commit), each write conditional
+    on its session still being at its ``position`` (one writer wins). For each: the answer to
+    return (the winner's, for a concurrent duplicate), or the NotFound / PositionConflict to
+    raise."""
     now = utcnow()
-    won = []
-    with context.current().store.writing() as db:
-        for item in advances:
-            expires = now + timedelta(seconds=item.row.ttl_seconds)
-            result = db.execute(
-                update(StreamSession)
-                .where(
-                    StreamSession.id == item.row.id,
-                    StreamSession.position == item.position,
-                    StreamSession.expires_at > now,
-                )
-                .values(
-                    position=item.position + item.steps,
-                    state=state_to_bytes(item.state),
-                    last_position=item.position,
-                    last_digest=item.chunk_digest,
-                    last_answer=item.answer,
-                    updated_at=now,
-                    expires_at=expires,
-                )
+    won = _store().advance_many(
+        [
+            Step(
+                id=item.row.id,
+                position=item.position,
+                steps=item.steps,
+                ttl_seconds=item.row.ttl_seconds,
+                state=state_to_bytes(item.state),
+                digest=item.chunk_digest,
+                answer=item.answer,
             )
-            won.append(result.rowcount == 1)
+            for item in advances
+        ]
+    )
     out: list[dict[str, Any] | Exception] = []
     for item, ok in zip(advances, won, strict=True):
         if ok:
             _remember(
-                SessionRow(
+                SessionRecord(
                     id=item.row.id,
                     model_id=item.row.model_id,
                     position=item.position + item.steps,
@@ -371,6 +304,7 @@ def advance_many(advances: Sequence[Advance]) -> list[dict[str, Any] | Exception
                     last_digest=item.chunk_digest,
                     last_answer=item.answer,
                     ttl_seconds=item.row.ttl_seconds,
+                    created_at=item.row.created_at,
                     expires_at=now + timedelta(seconds=item.row.ttl_seconds),
                 )
             )
@@ -388,7 +322,7 @@ def advance_many(advances: Sequence[Advance]) -> list[dict[str, Any] | Exception
     return out
 
 
-def advance(row: StreamSession | SessionRow, **fields: Any) -> dict[str, Any]:
+def advance(row: SessionRecord, **fields: Any) -> dict[str, Any]:
     """:func:`advance_many` of one chunk; raises its NotFound or PositionConflict."""
     result = advance_many([Advance(row, **fields)])[0]
     if isinstance(result, Exception):
@@ -449,9 +383,9 @@ async def store_step(item: Advance) -> dict[str, Any]:
     return await group.advance(item)
 
 
-def stored_state(row: StreamSession | SessionRow) -> Any:
+def stored_state(row: SessionRecord) -> Any:
     """The hidden state after the session's steps (None at position 0: zeros)."""
-    if isinstance(row, SessionRow) and row.decoded is not None:
+    if row.decoded is not None:
         return row.decoded
     return state_from_bytes(row.state) if row.state is not None else None
 

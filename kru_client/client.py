@@ -353,6 +353,11 @@ class Client(_ClientBase):
         path = f"/v1/models/{model_id}/sessions"
         return Session(self, self._request("POST", path, idempotent=False, json=body))
 
+    def get_session(self, session_id: str) -> Session:
+        """An open session, to continue it from its position (``GET /v1/sessions/{id}``; another
+        process may have opened it); ``NotFound`` when it is unknown, deleted or expired."""
+        return Session(self, self._request("GET", f"/v1/sessions/{session_id}", idempotent=True))
+
     def _pages(self, path: str) -> Iterator[dict[str, Any]]:
         offset = 0
         while True:

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, create_engine, text
 from worker import schema
 from worker.celery_app import create_celery_app, enqueue
 from worker.db import Store
+from worker.session_store import SessionStore, open_session_store
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Context:
     settings: Settings
     store: Store
     celery: Celery
+    sessions: SessionStore
     _broker_engine: Engine | None = field(default=None, repr=False)
 
     def enqueue(self, job_id: str) -> bool:
@@ -63,6 +65,7 @@ class Context:
     def close(self) -> None:
         """Release connections (database pool, broker pool)."""
         self.store.dispose()
+        self.sessions.close()
         if self._broker_engine is not None:
             self._broker_engine.dispose()
         self.celery.close()
@@ -93,7 +96,8 @@ def init(settings: Settings, *, upgrade_schema: bool = False) -> Context:
             raise
         celery = create_celery_app(settings, current)
         _prepare_embedded_broker(settings, celery)
-        _current = Context(settings=settings, store=store, celery=celery)
+        sessions = open_session_store(settings.session_store, store)
+        _current = Context(settings=settings, store=store, celery=celery, sessions=sessions)
         return _current
 
 

@@ -63,8 +63,9 @@ def settings() -> Settings:
 def submit_job(config: JobConfig, *, name: str | None = None, owner: str = OPEN_OWNER) -> JobView:
     """Store a new ``queued`` job of ``owner`` (an API key's name), commit, then publish it
     unless its key already has ``max_published_jobs`` waiting in the broker (then the worker
-    or the reaper publishes it in its turn, :mod:`worker.quotas`); return it (the API answers
-    202). ``OverQuota`` (429) when ``owner`` is over its active-jobs or worker-time quota.
+    or the reaper publishes it in its turn, :mod:`worker.quotas`); return it as stored before
+    publishing, ``queued`` (the API answers 202). ``OverQuota`` (429) when ``owner`` is over
+    its active-jobs or worker-time quota.
 
     ``name`` overrides ``config.name``. Raises ``Invalid`` for ``train.steps`` above
     ``max_steps_per_job`` (field ``train.steps``) and for an unknown ``task.dataset_id`` or one of
@@ -87,8 +88,9 @@ def submit_job(config: JobConfig, *, name: str | None = None, owner: str = OPEN_
         data["name"] = name
     job_id = new_id()
     jobs.create(ctx.store, job_id=job_id, name=data.get("name"), config=data, owner=owner)
+    submitted = get_job(job_id)  # as accepted: a worker may start it as soon as it is published
     quotas.publish_fair(ctx, owner)
-    return get_job(job_id)
+    return submitted
 
 
 def _check_task_available(config: JobConfig) -> None:

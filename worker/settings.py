@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from kru_core.config import check_device_name
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
+SESSION_STORE_SCHEMES = ("redis", "rediss")
 BROKER_SCHEMES = ("sqla+sqlite", "sqla+postgresql", "sqla+postgresql+psycopg", "redis", "rediss")
 #: The quotas ``KRU_KEY_QUOTAS`` may override per key, and the setting of each one's default.
 KEY_QUOTA_FIELDS = {
@@ -42,6 +43,8 @@ class Settings(BaseSettings):
             ``postgresql://user:pass@host/db`` (driver psycopg 3).
         broker_url: the Celery broker; default kombu's SQLAlchemy transport on
             ``sqla+sqlite:///<data_dir>/broker.db`` (no server). Deployments: ``redis://...``.
+        session_store: where streaming sessions live: empty (the default) for the job
+            store's database, or ``redis://...`` (:mod:`worker.session_store`).
         queue_name: the Celery queue training jobs go to.
         visibility_timeout: seconds before Redis redelivers an unacknowledged message; must
             exceed ``max_job_seconds`` or a long job is delivered twice.
@@ -105,6 +108,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".kru")
     database_url: str = ""
     broker_url: str = ""
+    session_store: str = ""
     queue_name: str = Field("kru", pattern=r"^[A-Za-z0-9_.\-]{1,100}$")
     visibility_timeout: int = Field(2 * 24 * 3600, ge=60)
 
@@ -186,6 +190,8 @@ class Settings(BaseSettings):
             self.database_url = "postgresql+psycopg://" + self.database_url[len("postgresql://") :]
         _check_scheme("database_url", self.database_url, DATABASE_SCHEMES)
         _check_scheme("broker_url", self.broker_url, BROKER_SCHEMES)
+        if self.session_store:
+            _check_scheme("session_store", self.session_store, SESSION_STORE_SCHEMES)
         if self.visibility_timeout <= self.max_job_seconds:
             raise ValueError(
                 f"visibility_timeout ({self.visibility_timeout} s) must exceed max_job_seconds "

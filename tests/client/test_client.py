@@ -9,6 +9,7 @@ OpenAPI.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -33,12 +34,15 @@ SPEC = JobSpec(
 INPUT = copy_sequence([3, 1, 4, 1, 5, 2, 6, 5, 3, 5], 5)
 
 
-def kru(*argv: str, url: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the ``kru`` CLI in a subprocess."""
+def kru(
+    *argv: str, url: str, input: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``kru`` CLI in a subprocess (``input``: its standard input)."""
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *argv],
         cwd=REPO,
         env={**os.environ, "KRU_URL": url, **env},
+        input=input,
         capture_output=True,
         text=True,
         timeout=60,
@@ -148,6 +152,32 @@ def test_client_against_the_service(sqlite_env: Any, worker_process: Any, tmp_pa
         assert json.loads(predicted.stdout)["predictions"] == result.predictions
         generated = kru("models", "generate", model.id, "--prompt", "x", url=api.base_url)
         assert generated.returncode == 1 and "422" in generated.stderr
+
+        # a session streamed from the CLI, in two runs: the first keeps the session open, the
+        # second continues it; the chunks' predictions are those of one predict
+        cut = [0, 3, 7, len(INPUT) // 2, len(INPUT)]
+        lines = [json.dumps(INPUT[a:b]) for a, b in itertools.pairwise(cut)]
+        first_half = tmp_path / "chunks-1.jsonl"
+        first_half.write_text("\n".join(lines[:2]) + "\n")
+        opened = kru("sessions", "stream", model.id, "--input", str(first_half), "--keep",
+                     url=api.base_url)  # fmt: skip
+        assert opened.returncode == 0, opened.stderr
+        out = [json.loads(line) for line in opened.stdout.splitlines()]
+        session_id = out[0]["session_id"]
+        assert out[0]["position"] == 0 and [o["position"] for o in out[1:]] == cut[1:3]
+        shown = json.loads(kru("sessions", "show", session_id, url=api.base_url).stdout)
+        assert shown["position"] == cut[2] and shown["model_id"] == model.id
+        rest = kru("sessions", "stream", model.id, "--session", session_id, url=api.base_url,
+                   input="\n".join(lines[2:]) + "\n")  # fmt: skip
+        assert rest.returncode == 0, rest.stderr
+        out += [json.loads(line) for line in rest.stdout.splitlines()[1:]]
+        streamed = [label for o in out[1:] for label in o["predictions"]]
+        assert streamed == result.predictions[0]
+        assert kru("sessions", "show", session_id, url=api.base_url).returncode == 1  # deleted
+        broken = kru("sessions", "stream", model.id, url=api.base_url, input="[1, 2]\n[1, 99]\n")
+        assert broken.returncode == 1 and "422" in broken.stderr and "left open" in broken.stderr
+        left = broken.stderr.split("--session ")[1].split()[0]
+        assert kru("sessions", "delete", left, url=api.base_url).returncode == 0
         client.close()
 
 
