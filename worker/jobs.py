@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.db import Store, db_clock
@@ -266,17 +266,20 @@ def release(store: Store, claim: Claim, *, reason: str) -> bool:
     return True
 
 
+def locked_job_row(db: Session, job_id: str, *columns: ColumnElement[Any]) -> Row[Any] | None:
+    """The ``columns`` of job ``job_id``'s row (None if the job is unknown), locked until the
+    session's transaction ends: ``SELECT ... FOR UPDATE`` on PostgreSQL, where a concurrent
+    claim or decision on the job waits for this one (SQLite serializes writers anyway)."""
+    return db.execute(select(*columns).where(job_table.c.id == job_id).with_for_update()).first()
+
+
 def request_cancel(store: Store, job_id: str) -> str | None:
     """Cancel a queued job at once or flag a running one; return the status before (None if
     the job is unknown). A finished job is left alone."""
     now = db_clock()
     with store.writing() as db:
         # FOR UPDATE (PostgreSQL): a concurrent claim waits for this decision, and vice versa.
-        row = db.execute(
-            select(job_table.c.status, job_table.c.cancel_requested)
-            .where(job_table.c.id == job_id)
-            .with_for_update()
-        ).first()
+        row = locked_job_row(db, job_id, job_table.c.status, job_table.c.cancel_requested)
         if row is None:
             return None
         if row.status == "queued":

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select, update
 
 from worker.db import Store, db_clock
+from worker.jobs import locked_job_row
 from worker.models import Job, JobEvent, MetricPoint, Model, job_table
 from worker.views import FINISHED_STATUSES
 
@@ -128,11 +129,7 @@ def delete_job(ctx: Context, job_id: str, *, owner: str) -> None:
         raise NotFound(f"job {job_id!r} not found")
     with ctx.store.writing() as db:
         # Conditional on the state checked: a job requeued or given a model meanwhile stays.
-        state = db.execute(
-            select(job_table.c.status, job_table.c.model_id)
-            .where(job_table.c.id == job_id)
-            .with_for_update()
-        ).first()
+        state = locked_job_row(db, job_id, job_table.c.status, job_table.c.model_id)
         if state is None:
             raise NotFound(f"job {job_id!r} not found")
         if state.status not in FINISHED_STATUSES:

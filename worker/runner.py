@@ -108,6 +108,23 @@ def _safe(settings: Settings) -> str:
     return url
 
 
+def stop_gracefully(
+    proc: subprocess.Popen[bytes] | None,
+    timeout: float,
+    kill: Callable[[subprocess.Popen[bytes]], None],
+) -> None:
+    """Stop a worker process the way a supervisor does: SIGTERM (Celery's warm shutdown: the
+    running job checkpoints and is requeued), wait up to ``timeout`` s, then ``kill(proc)``.
+    Nothing to do for a process that has exited (or ``None``: never started)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+
+
 class WorkerSupervisor:
     """Runs one worker subprocess (``python -m worker``) and restarts it whenever it exits
     (killed, or ended by its consume watchdog with status 75), with a backoff of 1 s doubling
@@ -151,15 +168,12 @@ class WorkerSupervisor:
     def stop(self, timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
         """SIGTERM the worker (it checkpoints and requeues its job), wait, then kill it."""
         self._stopping.set()
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+
+        def kill(proc: subprocess.Popen[bytes]) -> None:
             logger.error("worker process %d did not stop in %g s; killing it", proc.pid, timeout)
             self.kill()
+
+        stop_gracefully(self.proc, timeout, kill)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -127,23 +127,41 @@ def test_inference_forward_without_gradients():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def kru_and_eager_twin(
+    input_size: int, hidden_size: int, backend: str, **kwargs
+) -> tuple[KRU, KRU]:
+    """A KRU layer on ``backend`` and an eager one with the same weights (drawn from seed 0)."""
+    torch.manual_seed(0)
+    ref = KRU(input_size, hidden_size, backend="eager", **kwargs)
+    kru = KRU(input_size, hidden_size, backend=backend, **kwargs)
+    kru.load_state_dict(ref.state_dict())
+    return kru, ref
+
+
+def assert_layer_matches(kru, ref, x, *, out_tol: float, grad_tol: float, scaled: bool = False):
+    """``kru``'s output on ``x`` and every parameter's gradient (of the output's sum) equal
+    ``ref``'s, to ``rtol = atol = out_tol`` / ``grad_tol``; with ``scaled``, the gradients
+    over ``max(1, max |ref's|)``."""
+    out, _ = kru(x)
+    out_ref, _ = ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=out_tol, atol=out_tol)
+    torch.view_as_real(out).sum().backward()
+    torch.view_as_real(out_ref).sum().backward()
+    for (name, p), q in zip(kru.named_parameters(), ref.parameters(), strict=True):
+        scale = max(1.0, float(q.grad.abs().max())) if scaled else 1.0
+        torch.testing.assert_close(
+            p.grad / scale, q.grad / scale, rtol=grad_tol, atol=grad_tol, msg=name
+        )
+
+
 @interpreted
 def test_kru_layer_uses_the_triton_plan_and_matches_eager():
-    torch.manual_seed(0)
-    ref = KRU(3, 64, backend="eager", dtype=torch.float64)
-    kru = KRU(3, 64, backend="triton", dtype=torch.float64)
-    kru.load_state_dict(ref.state_dict())
+    kru, ref = kru_and_eager_twin(3, 64, "triton", dtype=torch.float64)
     assert kru.resolved_backend() == "triton"
     plan = kru.plan(4, backend="triton")
     assert plan.strategy == "merged" and len(plan.groups) <= triton_backend.SLOTS
     x = torch.randn(4, 6, 3, dtype=torch.float64)
-    out, _ = kru(x)
-    out_ref, _ = ref(x)
-    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
-    torch.view_as_real(out).sum().backward()
-    torch.view_as_real(out_ref).sum().backward()
-    for (name, p), q in zip(kru.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=name)
+    assert_layer_matches(kru, ref, x, out_tol=1e-10, grad_tol=1e-9)
 
 
 @interpreted
@@ -211,20 +229,10 @@ def test_triton_on_cuda_equals_eager(shapes, steps, batch, activation, dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_kru_layer_on_cuda_runs_triton_and_matches_eager():
-    torch.manual_seed(0)
-    ref = KRU(1, 512, backend="eager", device="cuda")
-    kru = KRU(1, 512, backend="auto", device="cuda")
-    kru.load_state_dict(ref.state_dict())
+    kru, ref = kru_and_eager_twin(1, 512, "auto", device="cuda")
     assert kru.resolved_backend("cuda") == "triton"
     x = torch.randn(32, 30, 1, device="cuda")
-    out, _ = kru(x)
-    out_ref, _ = ref(x)
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
-    torch.view_as_real(out).sum().backward()
-    torch.view_as_real(out_ref).sum().backward()
-    for (name, p), q in zip(kru.named_parameters(), ref.parameters(), strict=True):
-        scale = max(1.0, float(q.grad.abs().max()))
-        torch.testing.assert_close(p.grad / scale, q.grad / scale, rtol=1e-3, atol=1e-3, msg=name)
+    assert_layer_matches(kru, ref, x, out_tol=1e-4, grad_tol=1e-3, scaled=True)
 
 
 @pytest.mark.gpu

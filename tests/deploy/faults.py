@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.runner import stop_gracefully
+
 from .processes import free_port, wait_until
 
 
@@ -46,9 +48,34 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
-class RedisServer:
+class _Server:
+    """A server process of a fault test, started by the subclass, logging to :attr:`log`."""
+
+    name: str
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def _assert_running(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            pytest.fail(f"{self.name} is not running:\n{self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process of its session at once: no shutdown (what the
+        server kept on disk is what survives)."""
+        assert self.proc is not None
+        _kill_group(self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+
+
+class RedisServer(_Server):
     """A private ``redis-server`` as compose runs it (append-only file, ``noeviction``, a
-    password), on a fixed free port and directory so that it restarts with its data."""
+    password), on a fixed free port and directory so that it restarts with its data. Killed, it
+    makes no final save: the append-only file is what survives."""
+
+    name = "redis-server"
 
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
@@ -60,7 +87,6 @@ class RedisServer:
         self.port = free_port()
         self.password = secrets.token_hex(16)
         self.log = workdir / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -84,8 +110,7 @@ class RedisServer:
     def answers(self) -> bool:
         import redis
 
-        if self.proc is None or self.proc.poll() is not None:
-            pytest.fail(f"redis-server is not running:\n{self.log.read_text()[-2000:]}")
+        self._assert_running()
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
         try:
             return bool(client.ping())
@@ -93,15 +118,6 @@ class RedisServer:
             return False
         finally:
             client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final save (the append-only file is what survives)."""
-        assert self.proc is not None
-        _kill_group(self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _kill_group(self.proc)
 
 
 @contextmanager
@@ -115,10 +131,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-class PostgresServer:
+class PostgresServer(_Server):
     """A private PostgreSQL cluster (``initdb`` in a temp directory, trust auth on 127.0.0.1, a
     free port). Run as the ``postgres`` user when the tests run as root (PostgreSQL refuses
-    root)."""
+    root). Killed, the postmaster and every backend die at once: a crash, recovered at the next
+    start."""
+
+    name = "postgres"
 
     def __init__(self) -> None:
         self.bindir = _postgres_bindir()
@@ -128,7 +147,6 @@ class PostgresServer:
         self.data = self.root / "data"
         self.port = free_port()
         self.log = self.root / "postgres.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         self._user: dict[str, object] = {}
         if os.geteuid() == 0:
             import pwd
@@ -165,8 +183,7 @@ class PostgresServer:
     def answers(self) -> bool:
         import psycopg
 
-        if self.proc is None or self.proc.poll() is not None:
-            pytest.fail(f"postgres is not running:\n{self.log.read_text()[-2000:]}")
+        self._assert_running()
         try:
             psycopg.connect(
                 f"postgresql://postgres@127.0.0.1:{self.port}/postgres", connect_timeout=2
@@ -175,14 +192,8 @@ class PostgresServer:
             return False
         return True
 
-    def kill(self) -> None:
-        """SIGKILL the postmaster and every backend at once (a crash: recovery at next start)."""
-        assert self.proc is not None
-        _kill_group(self.proc)
-
     def stop(self) -> None:
-        if self.proc is not None:
-            _kill_group(self.proc)
+        super().stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -264,13 +275,7 @@ class Supervised:
         self._stopping.set()
         with self._lock:
             proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
+        stop_gracefully(proc, timeout, _kill_group)
 
 
 @contextmanager

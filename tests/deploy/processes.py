@@ -4,6 +4,7 @@ configured as compose configures it, a fresh PostgreSQL database, a shared data 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -31,12 +32,15 @@ T = TypeVar("T")
 CLEAN_EXIT = (0, -signal.SIGTERM)
 
 
-def kru_argv(target: str, *, host: str = "127.0.0.1", port: int | None = None) -> list[str]:
-    """The command of the ``target`` image, run from this virtualenv; for the API, on a local
-    address and a free port instead of 0.0.0.0:8000 (the only two words that differ)."""
+def kru_argv(
+    target: str, *, host: str = "127.0.0.1", port: int | None = None, kru: Path = KRU
+) -> list[str]:
+    """The command of the ``target`` image, run with the ``kru`` executable (default: this
+    virtualenv's); for the API, on a local address and a free port instead of 0.0.0.0:8000 (the
+    only two words that differ)."""
     argv = container_command(target)
     assert argv[0] == "kru"
-    argv = [str(KRU), *argv[1:]]
+    argv = [str(kru), *argv[1:]]
     if "--host" in argv:
         argv[argv.index("--host") + 1] = host
     if "--port" in argv and port is not None:
@@ -48,6 +52,17 @@ def clean_env(**kru: str) -> dict[str, str]:
     """This process's environment without any ``KRU_`` variable, plus ``kru``'s."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRU_")}
     return {**env, **kru}
+
+
+def deployment_env(
+    data_dir: Path, *, database_url: str, broker_url: str, **kru: str
+) -> dict[str, str]:
+    """The environment of the deployment's processes (:func:`clean_env`): ``data_dir`` as the
+    shared data volume (created if missing), the job store and the broker, plus ``kru``'s."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return clean_env(
+        KRU_DATA_DIR=str(data_dir), KRU_DATABASE_URL=database_url, KRU_BROKER_URL=broker_url, **kru
+    )
 
 
 @dataclass
@@ -66,6 +81,17 @@ class Process:
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, wait; SIGKILL after ``timeout`` s. Returns the exit code."""
         return stop_process(self.proc, timeout)
+
+    def wait_worker_ready(self, timeout: float = 120) -> None:
+        """For a ``kru worker``: wait for Celery's ``<name>@<host> ready.`` line (it consumes
+        from then on); fail the test if the process exits first."""
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
+            return re.search(r"@\S+ ready\.", self.output()) is not None
+
+        wait_until(ready, timeout=timeout, what=f"{self.name} to be ready")
 
 
 @contextmanager
@@ -143,6 +169,14 @@ def fresh_postgres_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
+@contextmanager
+def redis_and_postgres(tmp_path: Path, data_dir: Path, **kru: str) -> Iterator[dict[str, str]]:
+    """A :func:`private_redis` and a :func:`fresh_postgres_database`: yields the
+    :func:`deployment_env` of processes on them that share ``data_dir``, plus ``kru``'s."""
+    with private_redis(tmp_path) as broker_url, fresh_postgres_database() as database_url:
+        yield deployment_env(data_dir, database_url=database_url, broker_url=broker_url, **kru)
+
+
 def wait_ready(api: Process, base_url: str, *, timeout: float = 90) -> None:
     """Wait for ``GET /readyz`` to answer 200 (compose's healthcheck of the api service)."""
 
@@ -155,3 +189,23 @@ def wait_ready(api: Process, base_url: str, *, timeout: float = 90) -> None:
             return False
 
     wait_until(ready, timeout=timeout, what=f"{base_url}/readyz")
+
+
+@contextmanager
+def started_api(
+    env: dict[str, str],
+    *,
+    cwd: Path,
+    logs: Path,
+    name: str = "api",
+    port: int | None = None,
+    kru: Path = KRU,
+) -> Iterator[tuple[Process, str]]:
+    """The api image's command (:func:`kru_argv`) on ``port`` (default: a free one), started as
+    :func:`started` starts it; yields the process and its base URL once it is ready
+    (:func:`wait_ready`)."""
+    port = free_port() if port is None else port
+    base_url = f"http://127.0.0.1:{port}"
+    with started(name, kru_argv("api", port=port, kru=kru), env=env, cwd=cwd, logs=logs) as api:
+        wait_ready(api, base_url)
+        yield api, base_url

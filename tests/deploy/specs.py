@@ -150,11 +150,16 @@ def compose_project(tmp_path: Path, env: dict[str, str]) -> Path:
     return tmp_path
 
 
-def compose_config(project: Path, *files: Path) -> subprocess.CompletedProcess[str]:
-    """``docker-compose -f ... config --format json`` in ``project``, without the caller's env."""
+def compose_config(
+    project: Path, *files: Path, profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``docker-compose -f ... [--profile ...] config --format json`` in ``project``, without the
+    caller's env."""
     args = [str(docker_compose_binary())]
     for path in files:
         args += ["-f", path.name]
+    for profile in profiles:
+        args += ["--profile", profile]
     return subprocess.run(
         [*args, "config", "--format", "json"],
         cwd=project,

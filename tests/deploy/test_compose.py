@@ -33,7 +33,6 @@ from .specs import (
     compose_config,
     compose_project,
     container_command,
-    docker_compose_binary,
     dockerfile_stages,
     image_setting,
     load_yaml,
@@ -411,16 +410,7 @@ def test_docker_compose_validates(tmp_path, files) -> None:
 
 
 def _flower_config(project) -> subprocess.CompletedProcess[str]:
-    files = ["-f", COMPOSE.name, "-f", COMPOSE_FLOWER.name, "--profile", "flower"]
-    return subprocess.run(
-        [str(docker_compose_binary()), *files, "config", "--format", "json"],
-        cwd=project,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(project)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return compose_config(project, COMPOSE, COMPOSE_FLOWER, profiles=("flower",))
 
 
 def test_flower_is_an_optional_profile_behind_basic_auth(tmp_path) -> None:

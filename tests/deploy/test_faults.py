@@ -27,12 +27,11 @@ from .faults import fault_row, postgres_server, redis_server, supervised
 from .processes import (
     KRU,
     Process,
-    clean_env,
-    free_port,
+    deployment_env,
     fresh_postgres_database,
     kru_argv,
     started,
-    wait_ready,
+    started_api,
     wait_until,
 )
 
@@ -77,7 +76,10 @@ class Deployment:
     def job(self, job_id: str) -> dict:
         return self.client.get(f"/v1/jobs/{job_id}").json()
 
-    def logs(self) -> str:
+    def logs(self, *processes: Process) -> str:
+        """The tails of the worker's and the API's logs, or of each of ``processes``'."""
+        if processes:
+            return "\n".join(f"--- {p.name} ---\n{p.output()[-4000:]}" for p in processes)
         return f"{self.worker.output()[-5000:]}\n--- api ---\n{self.api.output()[-2000:]}"
 
     def wait_step(self, job_id: str, step: int, timeout: float = 60) -> dict:
@@ -87,18 +89,25 @@ class Deployment:
 
         return wait_until(reached, timeout=timeout, what=f"job {job_id} at step {step}")
 
-    def wait_succeeded(self, job_ids: list[str], timeout: float = 90) -> list[dict]:
+    def wait_succeeded(
+        self, job_ids: list[str], timeout: float = 90, *, logs: tuple[Process, ...] = ()
+    ) -> list[dict]:
+        """The jobs once all have succeeded; the test fails at the first that fails or is
+        cancelled, or after ``timeout`` s, with :meth:`logs` (of ``logs``, where given)."""
+
         def done() -> list[dict] | None:
             found = [self.job(i) for i in job_ids]
             for job in found:
                 if job["status"] in ("failed", "cancelled"):
-                    pytest.fail(f"job {job['id']} {job['status']}: {job['error']}\n{self.logs()}")
+                    pytest.fail(
+                        f"job {job['id']} {job['status']}: {job['error']}\n{self.logs(*logs)}"
+                    )
             return found if all(j["status"] == "succeeded" for j in found) else None
 
         try:
             return wait_until(done, timeout=timeout, what=f"jobs {job_ids} to succeed")
         except pytest.fail.Exception:
-            print(self.logs())
+            print(self.logs(*logs))
             raise
 
     def assert_never_twice_at_once(self, job_id: str) -> None:
@@ -122,25 +131,17 @@ def deployment(
     tmp_path: Path, *, broker_url: str, database_url: str, **settings: str
 ) -> Iterator[Deployment]:
     """``kru api`` and a supervised ``kru worker`` on the given broker and database."""
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    data_dir = tmp_path / "data"
-    data_dir.mkdir(exist_ok=True)
-    env = clean_env(
-        KRU_DATA_DIR=str(data_dir),
-        KRU_DATABASE_URL=database_url,
-        KRU_BROKER_URL=broker_url,
-        **{**FAST, **settings},
+    env = deployment_env(
+        tmp_path / "data", database_url=database_url, broker_url=broker_url, **{**FAST, **settings}
     )
     logs = tmp_path / "logs"
-    with started("api", kru_argv("api", port=port), env=env, cwd=tmp_path, logs=logs) as api:
-        wait_ready(api, base_url)
-        with supervised("worker", kru_argv("worker"), env=env, cwd=tmp_path, logs=logs) as worker:
-            wait_until(
-                lambda: " ready." in worker.output(), timeout=90, what="the worker to be ready"
-            )
-            with httpx.Client(base_url=base_url, timeout=30) as client:
-                yield Deployment(client, api, worker, base_url, env)
+    with (
+        started_api(env, cwd=tmp_path, logs=logs) as (api, base_url),
+        supervised("worker", kru_argv("worker"), env=env, cwd=tmp_path, logs=logs) as worker,
+    ):
+        wait_until(lambda: " ready." in worker.output(), timeout=90, what="the worker to be ready")
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            yield Deployment(client, api, worker, base_url, env)
 
 
 def test_redis_killed_mid_job_and_a_submit_during_the_outage(tmp_path: Path) -> None:
@@ -304,9 +305,9 @@ def test_worker_and_api_killed_mid_job_and_celery_inspect(tmp_path: Path) -> Non
         dep.api.proc.wait(10)
         t_api = time.time()
         port = int(dep.base_url.rsplit(":", 1)[1])
-        argv = kru_argv("api", port=port)
-        with started("api-2", argv, env=dep.env, cwd=tmp_path, logs=tmp_path / "logs") as api2:
-            wait_ready(api2, dep.base_url)
+        with started_api(
+            dep.env, cwd=tmp_path, logs=tmp_path / "logs", name="api-2", port=port
+        ) as (api2, _):
             api_recover = time.time() - t_api
             dep.api = api2
             after = {
@@ -422,16 +423,10 @@ def test_clock_skew_between_worker_nodes(tmp_path: Path) -> None:
     if not LIBFAKETIME.exists():
         pytest.skip(f"{LIBFAKETIME} missing: apt-get install faketime")
     timeout_s = float(FAST["KRU_HEARTBEAT_TIMEOUT"]) + float(FAST["KRU_REAPER_INTERVAL"])
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
     logs = tmp_path / "logs"
     with redis_server(tmp_path) as redis, fresh_postgres_database() as database_url:
-        (tmp_path / "data").mkdir()
-        env = clean_env(
-            KRU_DATA_DIR=str(tmp_path / "data"),
-            KRU_DATABASE_URL=database_url,
-            KRU_BROKER_URL=redis.url,
-            **FAST,
+        env = deployment_env(
+            tmp_path / "data", database_url=database_url, broker_url=redis.url, **FAST
         )
         skewed = subprocess.run(
             ["date", "-u", "+%s"], env=_skewed(env, -SKEW_S), capture_output=True, text=True
@@ -443,16 +438,10 @@ def test_clock_skew_between_worker_nodes(tmp_path: Path) -> None:
                 name, kru_argv("worker"), env=_skewed(env, offset_s), cwd=tmp_path, logs=logs
             )
 
-        def ready(process: Process) -> None:
-            wait_until(
-                lambda: " ready." in process.output(), timeout=90, what=f"{process.name} ready"
-            )
-
         with (
-            started("api", kru_argv("api", port=port), env=env, cwd=tmp_path, logs=logs) as api,
+            started_api(env, cwd=tmp_path, logs=logs) as (api, base_url),
             httpx.Client(base_url=base_url, timeout=30) as client,
         ):
-            wait_ready(api, base_url)
             dep = Deployment(client, api, None, base_url, env)
 
             def submit(name: str, train: dict) -> str:
@@ -464,13 +453,13 @@ def test_clock_skew_between_worker_nodes(tmp_path: Path) -> None:
 
             # 1. A live job on the slow worker, judged by the fast worker's reaper.
             with worker("slow", -SKEW_S) as slow:
-                ready(slow)
+                slow.wait_worker_ready(timeout=90)
                 live = submit("live", {"max_seconds": LIVE_S, "keep_model_on_timeout": True})
                 dep.wait_step(live, 1)
                 with worker("fast", +SKEW_S) as fast:
-                    ready(fast)
+                    fast.wait_worker_ready(timeout=90)
                     t_judged = time.time()
-                    (job,) = _succeeded(dep, [live], timeout=120, logs=(slow, fast))
+                    (job,) = dep.wait_succeeded([live], timeout=120, logs=(slow, fast))
                     watched = parse_time(job["finished_at"]) - t_judged
                     # A false requeue comes at the fast reaper's first sweep (the heartbeat looks
                     # 10 minutes old): a heartbeat timeout of watching is plenty.
@@ -483,7 +472,7 @@ def test_clock_skew_between_worker_nodes(tmp_path: Path) -> None:
                     lost = submit("lost", {"steps": max(200, int(rate * 20))})
                     dep.wait_step(lost, 60)
                     with worker("slow-2", -SKEW_S) as slow2:
-                        ready(slow2)
+                        slow2.wait_worker_ready(timeout=90)
                         fast.proc.kill()
                         t_kill = time.time()
                         wait_until(
@@ -492,7 +481,7 @@ def test_clock_skew_between_worker_nodes(tmp_path: Path) -> None:
                             what="the lost job's second attempt",
                         )
                         requeued = time.time() - t_kill
-                        (done,) = _succeeded(dep, [lost], timeout=180, logs=(slow2,))
+                        (done,) = dep.wait_succeeded([lost], timeout=180, logs=(slow2,))
             dep.assert_never_twice_at_once(live)
             dep.assert_never_twice_at_once(lost)
     assert requeued < timeout_s + 10, requeued
@@ -505,19 +494,3 @@ def test_clock_skew_between_worker_nodes(tmp_path: Path) -> None:
         requeued_s=f"{requeued:.1f}",
         skew_s=f"-{SKEW_S}/+{SKEW_S}",
     )
-
-
-def _succeeded(dep: Deployment, job_ids: list[str], *, timeout: float, logs: tuple) -> list[dict]:
-    def done() -> list[dict] | None:
-        found = [dep.job(i) for i in job_ids]
-        for job in found:
-            if job["status"] in ("failed", "cancelled"):
-                pytest.fail(f"job {job['id']} {job['status']}: {job['error']}")
-        return found if all(j["status"] == "succeeded" for j in found) else None
-
-    try:
-        return wait_until(done, timeout=timeout, what=f"jobs {job_ids} to succeed")
-    except pytest.fail.Exception:
-        for process in logs:
-            print(f"--- {process.name} ---\n{process.output()[-4000:]}")
-        raise

@@ -24,10 +24,10 @@ from .processes import (
     Process,
     clean_env,
     free_port,
-    fresh_postgres_database,
     kru_argv,
-    private_redis,
+    redis_and_postgres,
     started,
+    started_api,
     wait_ready,
     wait_until,
 )
@@ -117,34 +117,25 @@ def _succeeds_and_predicts(client: httpx.Client, job_id: str, *processes: Proces
 def test_api_and_worker_from_the_production_install_on_redis_and_postgres(
     production_kru: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
     logs = tmp_path / "logs"
-    with private_redis(tmp_path) as broker_url, fresh_postgres_database() as database_url:
-        env = clean_env(
-            KRU_DATA_DIR=str(data_dir),
-            KRU_DATABASE_URL=database_url,
-            KRU_BROKER_URL=broker_url,
-            KRU_PROGRESS_INTERVAL="0.2",
-            OMP_NUM_THREADS="1",
-        )
+    with redis_and_postgres(
+        tmp_path, tmp_path / "data", KRU_PROGRESS_INTERVAL="0.2", OMP_NUM_THREADS="1"
+    ) as env:
         # As compose's one-shot migrate service does, from the installed package's migrations.
         migrate = subprocess.run(
             [str(production_kru), "db", "upgrade"], env=env, capture_output=True, text=True
         )
         assert migrate.returncode == 0, migrate.stderr
         assert migrate.stdout.startswith("schema upgraded: empty -> "), migrate.stdout
-        api_argv = [str(production_kru), *kru_argv("api", port=port)[1:]]
-        worker_argv = [str(production_kru), *kru_argv("worker")[1:]]
-        with started("api", api_argv, env=env, cwd=tmp_path, logs=logs) as api:
-            wait_ready(api, base_url)
-            with started("worker", worker_argv, env=env, cwd=tmp_path, logs=logs) as worker:
-                with httpx.Client(base_url=base_url, timeout=30) as client:
-                    job = _job(client, "production-redis")
-                    _succeeds_and_predicts(client, job["id"], worker, api)
-                assert "ModuleNotFoundError" not in worker.output()
+        worker_argv = kru_argv("worker", kru=production_kru)
+        with (
+            started_api(env, cwd=tmp_path, logs=logs, kru=production_kru) as (api, base_url),
+            started("worker", worker_argv, env=env, cwd=tmp_path, logs=logs) as worker,
+        ):
+            with httpx.Client(base_url=base_url, timeout=30) as client:
+                job = _job(client, "production-redis")
+                _succeeds_and_predicts(client, job["id"], worker, api)
+            assert "ModuleNotFoundError" not in worker.output()
 
 
 def test_serve_from_the_production_install(production_kru: Path, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ and the API must serve predictions from the checkpoints the workers wrote.
 
 from __future__ import annotations
 
-import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -18,18 +17,7 @@ import httpx
 import pytest
 from testkit import copy_job
 
-from .processes import (
-    CLEAN_EXIT,
-    Process,
-    clean_env,
-    free_port,
-    fresh_postgres_database,
-    kru_argv,
-    private_redis,
-    started,
-    wait_ready,
-    wait_until,
-)
+from .processes import CLEAN_EXIT, kru_argv, redis_and_postgres, started, started_api, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -39,15 +27,6 @@ DELAY = 5
 def job_body(name: str, *, steps: int) -> dict:
     """A small copy-task job: a few seconds of CPU per worker."""
     return copy_job(name, steps=steps, delay=DELAY)
-
-
-def _wait_worker_ready(worker: Process) -> None:
-    def ready() -> bool:
-        if worker.proc.poll() is not None:
-            pytest.fail(f"{worker.name} exited with {worker.proc.returncode}:\n{worker.output()}")
-        return re.search(r"@\S+ ready\.", worker.output()) is not None
-
-    wait_until(ready, timeout=120, what=f"{worker.name} to be ready")
 
 
 def _parse(ts: str) -> datetime:
@@ -67,40 +46,33 @@ def _worker_names(database_url: str, job_ids: list[str]) -> dict[str, str]:
 def test_two_jobs_run_at_once_on_two_workers(tmp_path: Path) -> None:
     api_key = secrets.token_hex(16)
     data_dir = tmp_path / "data"  # the shared volume
-    data_dir.mkdir()
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"}
     logs = tmp_path / "logs"
 
-    with private_redis(tmp_path) as broker_url, fresh_postgres_database() as database_url:
-        env = clean_env(
-            KRU_DATA_DIR=str(data_dir),
-            KRU_DATABASE_URL=database_url,
-            KRU_BROKER_URL=broker_url,
-            KRU_API_KEYS=api_key,
-            KRU_LOG_LEVEL="INFO",
-            KRU_HEARTBEAT_INTERVAL="0.5",
-            KRU_PROGRESS_INTERVAL="0.2",
-            # two CPU workers on a small machine: one thread each, as a CPU share would give them
-            OMP_NUM_THREADS="1",
-        )
+    with redis_and_postgres(
+        tmp_path,
+        data_dir,
+        KRU_API_KEYS=api_key,
+        KRU_LOG_LEVEL="INFO",
+        KRU_HEARTBEAT_INTERVAL="0.5",
+        KRU_PROGRESS_INTERVAL="0.2",
+        # two CPU workers on a small machine: one thread each, as a CPU share would give them
+        OMP_NUM_THREADS="1",
+    ) as env:
         # Each process in a directory of its own, like a container: only /data is shared.
         homes = {name: tmp_path / name for name in ("api", "worker-1", "worker-2")}
         for home in homes.values():
             home.mkdir()
 
         # compose order: the API once Redis and PostgreSQL answer, the workers once it is ready
-        api_argv = kru_argv("api", port=port)
-        with started("api", api_argv, env=env, cwd=homes["api"], logs=logs) as api:
-            wait_ready(api, base_url)
+        with started_api(env, cwd=homes["api"], logs=logs) as (api, base_url):
             worker_argv = kru_argv("worker")
             with (
                 started("worker-1", worker_argv, env=env, cwd=homes["worker-1"], logs=logs) as w1,
                 started("worker-2", worker_argv, env=env, cwd=homes["worker-2"], logs=logs) as w2,
             ):
                 for worker in (w1, w2):
-                    _wait_worker_ready(worker)
+                    worker.wait_worker_ready()
                     # one job at a time, in the worker's own process (CUDA-safe: no fork)
                     assert "concurrency: 1 (solo)" in worker.output()
 
@@ -138,7 +110,7 @@ def test_two_jobs_run_at_once_on_two_workers(tmp_path: Path) -> None:
                     assert all(j["attempts"] == 1 for j in jobs)
 
                     # on the two workers: different names, one per worker process
-                    names = _worker_names(database_url, ids)
+                    names = _worker_names(env["KRU_DATABASE_URL"], ids)
                     assert len(set(names.values())) == 2, names
                     pids = {name.rsplit(":", 1)[-1] for name in names.values()}
                     assert pids == {str(w1.pid), str(w2.pid)}, (names, w1.pid, w2.pid)

@@ -17,16 +17,22 @@ Fixtures (all function-scoped, every test gets its own world):
     of the test is killed (the test's store and broker are thrown away anyway).
 ``wait_until``
     ``wait_until(predicate, timeout=..., what=...)``: poll until ``predicate()`` returns a truthy
-    value (returned) or fail the test after ``timeout`` seconds. Every wait has a timeout.
+    value (returned) or fail the test after ``timeout`` seconds. Every wait has a timeout. The
+    function itself is ``testkit.wait_until``.
+``small_copy_config``
+    ``worker_helpers.copy_config``: a tiny copy-task :class:`~kru_core.config.JobConfig`.
 
 Settings are tuned for fast tests: heartbeat every 0.3 s, a job is lost after 3 s without one,
 the reaper sweeps every 0.5 s, progress is written at most every 0.2 s.
 
-Example::
+Example (the two functions imported, rather than requested as fixtures)::
 
-    def test_runs(service_env, worker_process, wait_until):
+    from testkit import wait_until
+    from worker_helpers import copy_config
+
+    def test_runs(service_env, worker_process):
         worker_process(service_env)
-        job = service.submit_job(small_copy_config())
+        job = service.submit_job(copy_config())
         wait_until(lambda: service.get_job(job.id).status == "succeeded", timeout=60)
 """
 
@@ -46,6 +52,7 @@ from typing import Any, TypeVar
 import pytest
 import testkit
 from testkit import stop_process
+from worker_helpers import copy_config
 
 from kru_core.config import JobConfig
 from worker import service
@@ -249,11 +256,6 @@ def wait_until() -> Callable[..., Any]:
 
 
 # --- configs ------------------------------------------------------------------------------------
-
-
-def copy_config(*, steps: int = 200, delay: int = 5, **train: Any) -> JobConfig:
-    """A tiny copy-task job (hidden 16): seconds of CPU, learns the task in a few hundred steps."""
-    return JobConfig.from_dict(testkit.copy_job(steps=steps, delay=delay, **train))
 
 
 @pytest.fixture

@@ -88,14 +88,15 @@ def ids(models: tuple[Settings, dict[str, str]]) -> dict[str, str]:
     return models[1]
 
 
-def predict(client: TestClient, model_id: str, body: bytes | dict):
+def post_body(client: TestClient, url: str, body: bytes | dict):
+    """POST ``body`` to ``url``: a dict as JSON, bytes as they are (JSON that must not parse)."""
     if isinstance(body, bytes):
-        return client.post(
-            f"/v1/models/{model_id}/predict",
-            content=body,
-            headers={"content-type": "application/json"},
-        )
-    return client.post(f"/v1/models/{model_id}/predict", json=body)
+        return client.post(url, content=body, headers={"content-type": "application/json"})
+    return client.post(url, json=body)
+
+
+def predict(client: TestClient, model_id: str, body: bytes | dict):
+    return post_body(client, f"/v1/models/{model_id}/predict", body)
 
 
 def assert_422(response, field: str, detail: str) -> None:
@@ -123,7 +124,11 @@ def test_good_predictions(client: TestClient, ids: dict[str, str]) -> None:
     )  # outputs 0..8
 
 
-BAD_PREDICTIONS = [
+#: ``(model kind, request body, the field the 422 names, its detail)``; a detail of None: see
+#: each test.
+BadRequest = tuple[str, bytes | dict, str, str | None]
+
+BAD_PREDICTIONS: list[BadRequest] = [
     ("copy", {"inputs": [[1, 2, 10]]}, "inputs.0.2", "expected a token in [0, 9], got 10"),
     ("copy", {"inputs": [[1], [-1]]}, "inputs.1.0", "expected a token in [0, 9], got -1"),
     (
@@ -205,15 +210,11 @@ BAD_PREDICTIONS = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "body", "field", "detail"), BAD_PREDICTIONS)
+@pytest.mark.parametrize("case", BAD_PREDICTIONS)
 def test_bad_prediction_input_is_422(
-    client: TestClient,
-    ids: dict[str, str],
-    kind: str,
-    body: bytes | dict,
-    field: str,
-    detail: str | None,
+    client: TestClient, ids: dict[str, str], case: BadRequest
 ) -> None:
+    kind, body, field, detail = case
     jobs_before = service.list_jobs().total
     models_before = service.list_models().total
     response = predict(client, ids[kind], body)
@@ -241,7 +242,7 @@ def test_generate(client: TestClient, ids: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "body", "field", "detail"),
+    "case",
     [
         (
             "copy",
@@ -280,18 +281,10 @@ def test_generate(client: TestClient, ids: dict[str, str]) -> None:
     ],
 )
 def test_bad_generate_request_is_422(
-    client: TestClient,
-    ids: dict[str, str],
-    kind: str,
-    body: bytes | dict,
-    field: str,
-    detail: str | None,
+    client: TestClient, ids: dict[str, str], case: BadRequest
 ) -> None:
-    url = f"/v1/models/{ids[kind]}/generate"
-    if isinstance(body, bytes):
-        response = client.post(url, content=body, headers={"content-type": "application/json"})
-    else:
-        response = client.post(url, json=body)
+    kind, body, field, detail = case
+    response = post_body(client, f"/v1/models/{ids[kind]}/generate", body)
     assert response.status_code == 422, response.text
     assert response.json()["field"] == field
     if detail is not None:

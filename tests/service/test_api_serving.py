@@ -14,7 +14,8 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import httpx
@@ -206,29 +207,42 @@ def test_an_exception_fails_only_its_batch(
     assert client.post(url, json={"inputs": [[1, 2]]}).status_code == 200
 
 
-def _slow_model(predictor: Any, model_id: str, monkeypatch: pytest.MonkeyPatch, delay: float):
-    model = predictor.cache.get(model_id)
-    original = model.forward_batch
-    calls: list[int] = []
-
-    def slow(sequences: Any, **kwargs: Any) -> Any:
-        calls.append(len(sequences))
-        time.sleep(delay)
-        return original(sequences, **kwargs)
-
-    monkeypatch.setattr(model, "forward_batch", slow)
-    return calls
+#: ``slow_copy(delay, **settings)``: see the fixture.
+SlowCopy = Callable[..., AbstractContextManager[tuple[TestClient, str, list[int]]]]
 
 
-def test_full_queue_is_503_with_retry_after(
+@pytest.fixture
+def slow_copy(
     models: Models,  # noqa: F811
     ids: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    with make_client(models, batch_queue_size=2, batch_max_size=1) as client:
-        url = f"/v1/models/{ids['copy']}/predict"
-        client.post(url, json={"inputs": [[1]]})
-        _slow_model(client.app.state.predictor, ids["copy"], monkeypatch, 0.3)  # type: ignore[attr-defined]
+) -> SlowCopy:
+    """``with slow_copy(delay, **settings) as (client, url, calls)``: a client of an app with
+    these settings whose copy model (``url``: its predict route, answered once) then takes
+    ``delay`` s per batch; ``calls``: the size of each batch computed since."""
+
+    @contextmanager
+    def open_client(delay: float, **settings: Any) -> Iterator[tuple[TestClient, str, list[int]]]:
+        with make_client(models, **settings) as client:
+            url = f"/v1/models/{ids['copy']}/predict"
+            client.post(url, json={"inputs": [[1]]})
+            model = client.app.state.predictor.cache.get(ids["copy"])  # type: ignore[attr-defined]
+            original = model.forward_batch
+            calls: list[int] = []
+
+            def slow(sequences: Any, **kwargs: Any) -> Any:
+                calls.append(len(sequences))
+                time.sleep(delay)
+                return original(sequences, **kwargs)
+
+            monkeypatch.setattr(model, "forward_batch", slow)
+            yield client, url, calls
+
+    return open_client
+
+
+def test_full_queue_is_503_with_retry_after(slow_copy: SlowCopy) -> None:
+    with slow_copy(0.3, batch_queue_size=2, batch_max_size=1) as (client, url, _):
         responses = gather(client, [("POST", url, {"inputs": [[1, 2]]})] * 6)
         codes = sorted(r.status_code for r in responses)
         assert codes.count(200) >= 2 and 503 in codes, codes
@@ -237,15 +251,8 @@ def test_full_queue_is_503_with_retry_after(
         assert "KRU_BATCH_QUEUE_SIZE=2" in busy.json()["detail"]
 
 
-def test_deadline_is_504_and_the_work_is_dropped(
-    models: Models,  # noqa: F811
-    ids: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    with make_client(models, predict_timeout=0.2, batch_max_size=1) as client:
-        url = f"/v1/models/{ids['copy']}/predict"
-        client.post(url, json={"inputs": [[1]]})
-        calls = _slow_model(client.app.state.predictor, ids["copy"], monkeypatch, 0.5)  # type: ignore[attr-defined]
+def test_deadline_is_504_and_the_work_is_dropped(slow_copy: SlowCopy) -> None:
+    with slow_copy(0.5, predict_timeout=0.2, batch_max_size=1) as (client, url, calls):
         responses = gather(client, [("POST", url, {"inputs": [[1, 2]]})] * 4)
         assert [r.status_code for r in responses].count(504) >= 3
         assert "KRU_PREDICT_TIMEOUT=0.2" in next(
@@ -256,14 +263,11 @@ def test_deadline_is_504_and_the_work_is_dropped(
 
 
 def test_a_disconnected_client_is_dropped_from_the_queue(
-    models: Models,  # noqa: F811
-    ids: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    slow_copy: SlowCopy, ids: dict[str, str]
 ) -> None:
-    with make_client(models, batch_max_size=1) as client:
+    with slow_copy(0.3, batch_max_size=1) as (client, _, calls):
         predictor = client.app.state.predictor  # type: ignore[attr-defined]
         model = predictor.cache.get(ids["copy"])
-        calls = _slow_model(predictor, ids["copy"], monkeypatch, 0.3)
 
         async def scenario() -> list[Any]:
             first = asyncio.ensure_future(predictor.run(ids["copy"], Job(model.encode([[1]]))))

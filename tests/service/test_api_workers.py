@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi.testclient import TestClient
+from testkit import wait_until
+from worker_helpers import copy_config
 
 from app.main import create_app
-from kru_core.config import JobConfig
 from worker import service
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
 def test_workers_lists_a_live_worker_with_its_device_and_job(
     service_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     worker = worker_process(service_env)
     with TestClient(create_app(service_env.settings)) as client:
@@ -37,7 +36,7 @@ def test_workers_lists_a_live_worker_with_its_device_and_job(
         assert row["cuda_version"] == torch.version.cuda
         assert row["job_id"] is None
 
-        job = service.submit_job(small_copy_config(steps=3000))
+        job = service.submit_job(copy_config(steps=3000))
         wait_until(
             lambda: [w for w in workers() if w["job_id"] == job.id],
             timeout=60,

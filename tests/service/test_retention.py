@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
-from worker_helpers import finished, saved_steps
+from testkit import wait_until
+from worker_helpers import copy_config, finished, saved_steps
 
 from app.main import create_app
 from worker import context, jobs, retention, service
@@ -34,21 +35,15 @@ def client(service_env: ServiceEnv) -> Iterator[TestClient]:
 
 
 def _counts(job_id: str) -> dict[str, int]:
+    def count_by(key: Any) -> dict[str, int]:
+        """The job's rows of ``key``'s table, counted by ``key``."""
+        table = key.class_
+        query = select(key, func.count()).where(table.job_id == job_id).group_by(key)
+        return dict(db.execute(query).all())
+
     with context.current().store.reading() as db:
-        events = dict(
-            db.execute(
-                select(JobEvent.kind, func.count())
-                .where(JobEvent.job_id == job_id)
-                .group_by(JobEvent.kind)
-            ).all()
-        )
-        points = dict(
-            db.execute(
-                select(MetricPoint.phase, func.count())
-                .where(MetricPoint.job_id == job_id)
-                .group_by(MetricPoint.phase)
-            ).all()
-        )
+        events = count_by(JobEvent.kind)
+        points = count_by(MetricPoint.phase)
     return {
         "status": events.get("status", 0),
         "progress": events.get("progress", 0),
@@ -104,19 +99,17 @@ def test_checkpoints_pruned_at_the_end_and_deletes_remove_rows_and_files(
     service_env: ServiceEnv,
     client: TestClient,
     worker_process: Callable[..., Any],
-    small_copy_config: Callable[..., Any],
-    wait_until: Callable[..., Any],
 ) -> None:
     jobs_dir = service_env.settings.jobs_dir
-    queued = service.submit_job(small_copy_config(steps=20))
+    queued = service.submit_job(copy_config(steps=20))
     assert client.delete(f"/v1/jobs/{queued.id}").status_code == 409  # queued: cancel first
     assert client.post(f"/v1/jobs/{queued.id}/cancel").status_code == 200
-    others = service.submit_job(small_copy_config(steps=20), owner="alice")
+    others = service.submit_job(copy_config(steps=20), owner="alice")
     service.cancel_job(others.id)
     response = client.delete(f"/v1/jobs/{others.id}")  # the open API's key is not alice
     assert response.status_code == 404, response.text
     service.delete_job(others.id, owner="alice")
-    done = service.submit_job(small_copy_config(steps=200, checkpoint_every=25))
+    done = service.submit_job(copy_config(steps=200, checkpoint_every=25))
     worker_process(service_env)
     job = wait_until(lambda: finished(done.id), timeout=180, what="the job to end")
     assert job.status == "succeeded", job.error

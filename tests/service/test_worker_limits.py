@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from worker_helpers import finished
+from testkit import wait_until
+from worker_helpers import copy_config, finished
 
 from kru_core.config import MIN_MAX_SECONDS, ConfigError, JobConfig
 from worker import service
@@ -19,14 +20,12 @@ if TYPE_CHECKING:
 def test_runs_stopped_by_a_time_limit_end_failed_without_a_model(
     sqlite_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
-    own = service.submit_job(small_copy_config(steps=100_000, max_seconds=1.0))
+    own = service.submit_job(copy_config(steps=100_000, max_seconds=1.0))
     kept = service.submit_job(
-        small_copy_config(steps=100_000, max_seconds=1.0, keep_model_on_timeout=True)
+        copy_config(steps=100_000, max_seconds=1.0, keep_model_on_timeout=True)
     )
-    server = service.submit_job(small_copy_config(steps=100_000))
+    server = service.submit_job(copy_config(steps=100_000))
     worker = worker_process(sqlite_env, max_job_seconds=2.0)
 
     for job_id in (own.id, kept.id, server.id):
@@ -54,8 +53,6 @@ def test_max_seconds_has_a_minimum(seconds: float) -> None:
 def test_a_job_past_its_memory_limit_fails_and_the_worker_lives_on(
     sqlite_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     """The API admitted it (its estimate fits the API's budget); the worker's own limit of
     300 MB (RLIMIT_AS over what it already uses) stops it at the first allocation past it."""
@@ -67,7 +64,7 @@ def test_a_job_past_its_memory_limit_fails_and_the_worker_lives_on(
         }
     )
     big = service.submit_job(greedy)
-    after = service.submit_job(small_copy_config(steps=20))
+    after = service.submit_job(copy_config(steps=20))
     worker = worker_process(sqlite_env, max_job_memory_bytes=300 * 2**20)
 
     wait_until(lambda: finished(after.id), timeout=120, what="both jobs")

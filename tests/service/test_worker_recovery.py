@@ -13,7 +13,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from worker_helpers import finished, saved_steps, status_events
+from testkit import wait_until
+from worker_helpers import copy_config, finished, saved_steps, status_events
 
 from kru_core.config import JobConfig
 from worker import context, jobs, service
@@ -40,11 +41,9 @@ def step_at_least(job_id: str, step: int) -> bool:
 def test_killed_worker_job_resumes_from_its_checkpoint_on_a_new_worker(
     service_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     first = worker_process(service_env)
-    job = service.submit_job(long_job(small_copy_config))
+    job = service.submit_job(long_job(copy_config))
     wait_until(
         lambda: step_at_least(job.id, 2 * CHECKPOINT_EVERY + 5), timeout=90, what="two checkpoints"
     )
@@ -80,8 +79,6 @@ def test_killed_worker_job_resumes_from_its_checkpoint_on_a_new_worker(
 def test_reaper_settles_jobs_whose_worker_died(
     sqlite_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     """Jobs claimed by a worker that never heartbeats again (a "ghost": killed, or its node lost)
     are requeued and rerun, failed after max_attempts, or cancelled if a cancel is pending."""
@@ -98,12 +95,12 @@ def test_reaper_settles_jobs_whose_worker_died(
         )
         assert claimed is not None
 
-    requeued = service.submit_job(small_copy_config(steps=20))
+    requeued = service.submit_job(copy_config(steps=20))
     ghost_claim(requeued.id)
-    exhausted = service.submit_job(small_copy_config(steps=20))
+    exhausted = service.submit_job(copy_config(steps=20))
     ghost_claim(exhausted.id)
     ghost_claim(exhausted.id)  # its second attempt died too
-    cancelled = service.submit_job(small_copy_config(steps=20))
+    cancelled = service.submit_job(copy_config(steps=20))
     ghost_claim(cancelled.id)
     assert service.cancel_job(cancelled.id).cancel_requested
     assert service.list_jobs(status="running").total == 3
@@ -129,13 +126,11 @@ def test_reaper_settles_jobs_whose_worker_died(
 def test_duplicate_delivery_of_a_running_job_is_a_no_op(
     redis_pg_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     workers = [worker_process(redis_pg_env), worker_process(redis_pg_env)]
     for worker in workers:
         worker.wait_ready()
-    job = service.submit_job(long_job(small_copy_config))
+    job = service.submit_job(long_job(copy_config))
     wait_until(lambda: step_at_least(job.id, 5), timeout=90, what="the job to run")
     holder_pid = int(service.get_job(job.id).worker.rsplit(":", 1)[1])
     holder, other = sorted(workers, key=lambda w: w.pid != holder_pid)
@@ -160,16 +155,14 @@ def test_duplicate_delivery_of_a_running_job_is_a_no_op(
 def test_sigterm_and_restart_keep_every_job_and_run_the_queued_ones(
     redis_pg_env: ServiceEnv,
     worker_process: Callable[..., Any],
-    wait_until: Callable[..., Any],
-    small_copy_config: Callable[..., JobConfig],
 ) -> None:
     """SIGTERM mid-job: the job checkpoints and goes back to the queue; the API restarts too;
     everything is still there, and a new worker runs the requeued job (resuming), a queued one
     and one whose message was never published."""
     first = worker_process(redis_pg_env)
     dataset = service.create_dataset("kept.txt", b"to be or not to be\n" * 10)
-    earlier = service.submit_job(small_copy_config(steps=20))
-    job = service.submit_job(long_job(small_copy_config))
+    earlier = service.submit_job(copy_config(steps=20))
+    job = service.submit_job(long_job(copy_config))
     wait_until(
         lambda: step_at_least(job.id, CHECKPOINT_EVERY + 5), timeout=90, what="the job to run"
     )
@@ -190,13 +183,13 @@ def test_sigterm_and_restart_keep_every_job_and_run_the_queued_ones(
 
     service.shutdown()  # the API goes down too, and comes back
     service.init(redis_pg_env.settings)
-    queued = service.submit_job(small_copy_config(steps=20))
+    queued = service.submit_job(copy_config(steps=20))
     never_sent = uuid.uuid4().hex  # committed, then the API died before publishing it
     jobs.create(
         context.current().store,
         job_id=never_sent,
         name=None,
-        config=small_copy_config(steps=20).to_dict(),
+        config=copy_config(steps=20).to_dict(),
     )
     assert service.get_job(earlier.id) == done_before
     assert service.job_metrics(earlier.id) == metrics

@@ -1,12 +1,21 @@
-"""Small helpers of the worker tests: read a job's end, its status events, its checkpoints."""
+"""Small helpers of the worker tests: a tiny job's config; read a job's end, its status events,
+its checkpoints."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import testkit
+
+from kru_core.config import JobConfig
 from worker import service
 from worker.views import FINISHED_STATUSES, JobView
+
+
+def copy_config(*, steps: int = 200, delay: int = 5, **train: Any) -> JobConfig:
+    """A tiny copy-task job (hidden 16): seconds of CPU, learns the task in a few hundred steps."""
+    return JobConfig.from_dict(testkit.copy_job(steps=steps, delay=delay, **train))
 
 
 def finished(job_id: str) -> JobView | None:
