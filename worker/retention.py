@@ -148,30 +148,35 @@ def delete_job(ctx: Context, job_id: str, *, owner: str) -> None:
     shutil.rmtree(ctx.settings.jobs_dir / job_id, ignore_errors=True)
 
 
+def check_model_unused(ctx: Context, model_id: str) -> None:
+    """``Conflict`` while a streaming session is open on ``model_id`` (in the session store of
+    ``KRU_SESSION_STORE``: the job store's table or Redis)."""
+    from worker.errors import Conflict
+
+    open_sessions = ctx.sessions.count_on_model(model_id)
+    if open_sessions:
+        raise Conflict(
+            f"model {model_id!r} is in use by {open_sessions} streaming session(s): "
+            "delete them (DELETE /v1/sessions/{id}) or let them expire"
+        )
+
+
 def delete_model(ctx: Context, model_id: str, *, owner: str) -> None:
     """Delete a model of ``owner``'s job: its row and its checkpoint directory (the job stays,
     with no model). ``NotFound`` for an unknown id or another key's model; ``Conflict`` while a
-    streaming session is open on it."""
-    from worker.errors import Conflict, NotFound
-    from worker.models import StreamSession, utcnow  # sessions expire on the API's clock
+    streaming session is open on it (:func:`check_model_unused`)."""
+    from worker.errors import NotFound
+    from worker.models import StreamSession
 
     with ctx.store.reading() as db:
         model = db.get(Model, model_id)
         job = db.get(Job, model.job_id) if model is not None else None
     if model is None or job is None or job.owner != owner:
         raise NotFound(f"model {model_id!r} not found")
+    check_model_unused(ctx, model_id)
     sessions = StreamSession.__table__
     with ctx.store.writing() as db:
-        open_sessions = db.execute(
-            select(sessions.c.id).where(
-                sessions.c.model_id == model_id, sessions.c.expires_at > utcnow()
-            )
-        ).all()
-        if open_sessions:
-            raise Conflict(
-                f"model {model_id!r} is in use by {len(open_sessions)} streaming session(s): "
-                "delete them (DELETE /v1/sessions/{id}) or let them expire"
-            )
+        # the model's expired sessions in the job store (none live: checked above)
         db.execute(delete(sessions).where(sessions.c.model_id == model_id))
         db.execute(update(job_table).where(job_table.c.id == model.job_id).values(model_id=None))
         db.execute(delete(Model.__table__).where(Model.__table__.c.id == model_id))
