@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -167,36 +167,54 @@ class Connection:
         self.writer.close()
 
 
+class _Tally:
+    """The latencies and errors (answers other than 200) of a load's timed requests."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    async def send(self, connection: Connection, raw: bytes) -> None:
+        """Send ``raw`` on ``connection``, timed."""
+        start = time.perf_counter()
+        status, _ = await connection.send(raw)
+        self.latencies.append(time.perf_counter() - start)
+        self.errors += status != 200
+
+    async def run(
+        self, connections: list[Connection], client: Callable[[Connection], Awaitable[None]]
+    ) -> dict[str, float]:
+        """Run ``client`` on every connection concurrently, close them, and summarise: requests,
+        errors, requests/s over the whole run, p50 and p99 latency (s)."""
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in connections))
+        elapsed = time.perf_counter() - start
+        for connection in connections:
+            connection.close()
+        return {
+            "n": len(self.latencies),
+            "errors": self.errors,
+            "throughput": len(self.latencies) / elapsed,
+            "p50": _percentile(self.latencies, 0.50),
+            "p99": _percentile(self.latencies, 0.99),
+        }
+
+
 async def _drive(port: int, raw: bytes, clients: int, requests: int) -> dict[str, float]:
     connections = [await Connection.open(port) for _ in range(clients)]
     for connection in connections:  # warm each connection
         for _ in range(3):
             await connection.send(raw)
-    latencies: list[float] = []
-    errors = 0
+    tally = _Tally()
     remaining = requests
 
     async def client(connection: Connection) -> None:
-        nonlocal remaining, errors
+        nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            start = time.perf_counter()
-            status, _ = await connection.send(raw)
-            latencies.append(time.perf_counter() - start)
-            errors += status != 200
+            await tally.send(connection, raw)
 
-    start = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in connections))
-    elapsed = time.perf_counter() - start
-    for connection in connections:
-        connection.close()
-    return {
-        "n": len(latencies),
-        "errors": errors,
-        "throughput": len(latencies) / elapsed,
-        "p50": _percentile(latencies, 0.50),
-        "p99": _percentile(latencies, 0.99),
-    }
+    return await tally.run(connections, client)
 
 
 def drive(port: int, path: str, body: Any, *, clients: int, requests: int) -> dict[str, float]:
@@ -210,14 +228,13 @@ def drive(port: int, path: str, body: Any, *, clients: int, requests: int) -> di
 async def _session_load(
     port: int, model_id: str, sequence: list[int], *, sessions: int, chunks: int, chunk: int
 ) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
+    tally = _Tally()
     remaining = chunks
 
     async def stream(connection: Connection) -> None:
-        nonlocal remaining, errors
+        nonlocal remaining
         while remaining > 0:
-            status, body = await connection.send(
+            _, body = await connection.send(
                 encode_post(f"/v1/models/{model_id}/sessions", {"ttl_seconds": 120}, port)
             )
             session_id = json.loads(body)["id"]
@@ -230,28 +247,14 @@ async def _session_load(
                     {"inputs": sequence[position : position + chunk], "position": position},
                     port,
                 )
-                start = time.perf_counter()
-                status, _ = await connection.send(raw)
-                latencies.append(time.perf_counter() - start)
-                errors += status != 200
+                await tally.send(connection, raw)
             await connection.send(
                 f"DELETE /v1/sessions/{session_id} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
                 "Content-Length: 0\r\n\r\n".encode()
             )
 
     connections = [await Connection.open(port) for _ in range(sessions)]
-    start = time.perf_counter()
-    await asyncio.gather(*(stream(c) for c in connections))
-    elapsed = time.perf_counter() - start
-    for connection in connections:
-        connection.close()
-    return {
-        "n": len(latencies),
-        "errors": errors,
-        "throughput": len(latencies) / elapsed,
-        "p50": _percentile(latencies, 0.50),
-        "p99": _percentile(latencies, 0.99),
-    }
+    return await tally.run(connections, stream)
 
 
 async def _chunks_vs_whole(

@@ -158,9 +158,9 @@ def layer_rows(
     return rows
 
 
-def run_regimes(args: argparse.Namespace, stat: Callable[[list[float]], float]) -> None:
-    backends = available_backends(torch.device("cpu"))
-    header = [
+def layer_header(backends: list[str]) -> list[str]:
+    """The columns of :func:`layer_rows`' rows."""
+    return [
         "regime",
         "shape",
         "mode",
@@ -170,6 +170,11 @@ def run_regimes(args: argparse.Namespace, stat: Callable[[list[float]], float]) 
         *(f"{b} / RNN" for b in backends),
         "KRU plan",
     ]
+
+
+def run_regimes(args: argparse.Namespace, stat: Callable[[list[float]], float]) -> None:
+    backends = available_backends(torch.device("cpu"))
+    header = layer_header(backends)
     rows = []
     for label, n, b, steps, input_size, mode in REGIMES:
         rows += layer_rows(label, n, b, steps, input_size, (mode,), backends, args, stat)
@@ -179,16 +184,7 @@ def run_regimes(args: argparse.Namespace, stat: Callable[[list[float]], float]) 
 
 def run_grid(args: argparse.Namespace, stat: Callable[[list[float]], float]) -> None:
     backends = available_backends(torch.device("cpu"))
-    header = [
-        "regime",
-        "shape",
-        "mode",
-        *(f"KRU {b}" for b in backends),
-        "nn.RNN",
-        "nn.LSTM",
-        *(f"{b} / RNN" for b in backends),
-        "KRU plan",
-    ]
+    header = layer_header(backends)
     print(f"\nGrid (µs per step, {args.stat}):")
     _print_table(header, [])
     for n in args.sizes:
@@ -230,18 +226,10 @@ def mnist_step_timers(batch_size: int = 32, steps: int = 784) -> dict[str, Calla
     import torch.nn.functional as F
 
     from kru_core import JobConfig
-    from kru_core.tasks import TaskInfo
+    from kru_core.tasks.mnist import mnist_task_info
     from kru_core.training import build_model, build_optimizer, learning_rates
 
-    info = TaskInfo(
-        task_kind="mnist",
-        target_kind="classification",
-        input_kind="features",
-        output_size=10,
-        per_step=False,
-        input_size=1,
-        extra={"permuted": False},
-    )
+    info = mnist_task_info()
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, steps, 1, generator=gen)
     y = torch.randint(0, 10, (batch_size,), generator=gen)

@@ -23,16 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .kron import (
-    STRATEGIES,
-    KronPlan,
-    apply_kron_factors,
-    kron_matrix,
-    normalize_factor_shapes,
-    plan_recurrence,
-)
+from .kron import KronPlan, apply_kron_factors, kron_matrix
 from .kron import unitary_penalty as _unitary_penalty
-from .kru import check_positive_int, random_unitary_, resolve_dtypes
+from .kru import _KroneckerRecurrent, random_unitary_, resolve_dtypes, time_major_input
 from .recurrence import check_backend, fallback_to_eager
 
 __all__ = ["KLSTM"]
@@ -40,7 +33,7 @@ __all__ = ["KLSTM"]
 _GATES = 4
 
 
-class KLSTM(nn.Module):
+class KLSTM(_KroneckerRecurrent):
     """An LSTM with Kronecker-factored recurrent matrices (the paper's "KRU-LSTM").
 
     Gate order is PyTorch's ``(i, f, g, o)``.
@@ -103,19 +96,13 @@ class KLSTM(nn.Module):
         self.backend = check_backend(backend)
         if backend not in ("auto", "eager"):
             fallback_to_eager(backend, backend, "it does not cover the KRU-LSTM cell")
-        self.input_size = check_positive_int("input_size", input_size)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self._init_sizes(input_size, hidden_size)
         if complex is not False:
             raise ValueError(
                 f"complex: expected False (KRU-LSTM uses real factors, paper section 5), "
                 f"got {complex!r}"
             )
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-        self.factor_shapes = normalize_factor_shapes(factors, hidden_size)
-        plan_recurrence(self.factor_shapes, batch_size=1, strategy=strategy, merge=merge)
-        self.strategy = strategy
-        self.merge = None if merge is None else tuple(merge)
+        self._init_plan(factors, strategy, merge)
         self.batch_first = bool(batch_first)
         real_dtype, _ = resolve_dtypes(dtype, False)
         kw = {"device": device, "dtype": real_dtype}
@@ -172,24 +159,13 @@ class KLSTM(nn.Module):
 
     def plan(self, batch_size: int, device: torch.device | None = None) -> KronPlan:
         """The :class:`~kru_core.kron.KronPlan` used for ``batch_size`` rows."""
-        dev = device if device is not None else self.weight_ih.device
-        return plan_recurrence(
-            self.factor_shapes,
-            batch_size=batch_size,
-            device=dev,
-            strategy=self.strategy,
-            merge=self.merge,
-        )
+        return self._rule_plan(batch_size, device if device is not None else self.weight_ih.device)
 
     def _input_projection(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             u = self.weight_ih.mT[x]
             return u if self.bias is None else u + self.bias
-        if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"x: expected last dimension input_size={self.input_size}, got shape "
-                f"{tuple(x.shape)}"
-            )
+        self._check_features(x)
         x = x.to(self.weight_ih.dtype)
         if self.bias is None:
             return x @ self.weight_ih.mT
@@ -202,16 +178,10 @@ class KLSTM(nn.Module):
         *,
         lengths: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        tokens = not (x.is_floating_point() or x.is_complex())
         if x.is_complex():
             raise ValueError(f"x: expected real features or token ids, got {x.dtype}")
-        if x.dim() != (2 if tokens else 3):
-            want = "(B, T) token ids" if tokens else "(B, T, input_size) features"
-            raise ValueError(f"x: expected {want}, got shape {tuple(x.shape)}")
-        xt = x.transpose(0, 1) if self.batch_first else x
+        xt, tokens = time_major_input(x, self.batch_first)
         steps, batch = xt.shape[:2]
-        if steps == 0:
-            raise ValueError("x: expected at least one time step, got 0")
         n = self.hidden_size
         u = self._input_projection(xt.contiguous() if tokens else xt)  # (T, B, 4N)
         h, c = self._initial_state(hx, batch, u)

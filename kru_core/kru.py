@@ -88,8 +88,63 @@ def random_unitary_(w: Tensor, generator: torch.Generator | None = None) -> Tens
     return w
 
 
-class _KRUBase(nn.Module):
-    """Parameters and everything but the loop, shared by :class:`KRU` and :class:`KRUCell`."""
+class _KroneckerRecurrent(nn.Module):
+    """The arguments and input checks that :class:`KRU`, :class:`KRUCell` and
+    :class:`~kru_core.klstm.KLSTM` share: sizes, factor shapes and execution plan."""
+
+    def _init_sizes(self, input_size: int, hidden_size: int) -> None:
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+
+    def _init_plan(
+        self,
+        factors: Sequence[int | Sequence[int]] | None,
+        strategy: str,
+        merge: Sequence[int] | None,
+    ) -> None:
+        """Set ``factor_shapes``, ``strategy`` and ``merge`` (after :meth:`_init_sizes`)."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+        self.factor_shapes = normalize_factor_shapes(factors, self.hidden_size)
+        # Validates ``merge`` against the factors now rather than at the first forward.
+        plan_recurrence(self.factor_shapes, batch_size=1, strategy=strategy, merge=merge)
+        self.strategy = strategy
+        self.merge = None if merge is None else tuple(merge)
+
+    def _rule_plan(self, batch_size: int, device: torch.device | str) -> KronPlan:
+        """:func:`~kru_core.kron.plan_recurrence`'s plan for ``strategy`` and ``merge``."""
+        return plan_recurrence(
+            self.factor_shapes,
+            batch_size=batch_size,
+            device=device,
+            strategy=self.strategy,
+            merge=self.merge,
+        )
+
+    def _check_features(self, x: Tensor) -> None:
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"x: expected last dimension input_size={self.input_size}, got shape "
+                f"{tuple(x.shape)}"
+            )
+
+
+def time_major_input(x: Tensor, batch_first: bool) -> tuple[Tensor, bool]:
+    """A layer's ``x`` (``(B, T, input_size)`` features or ``(B, T)`` token ids, time first
+    unless ``batch_first``) checked and time first, and whether it holds token ids."""
+    tokens = not (x.is_floating_point() or x.is_complex())
+    if x.dim() != (2 if tokens else 3):
+        want = "(B, T) token ids" if tokens else "(B, T, input_size) features"
+        raise ValueError(f"x: expected {want}, got shape {tuple(x.shape)}")
+    time_major = x.transpose(0, 1) if batch_first else x
+    if time_major.shape[0] == 0:
+        raise ValueError("x: expected at least one time step, got 0")
+    return time_major, tokens
+
+
+class _KRUBase(_KroneckerRecurrent):
+    """Parameters and everything but the loop, shared by :class:`KRU` and :class:`KRUCell`;
+    its constructor is :class:`KRUCell`'s (:class:`KRU` adds ``batch_first`` and ``fused``)."""
 
     def __init__(
         self,
@@ -102,15 +157,13 @@ class _KRUBase(nn.Module):
         bias: bool = True,
         strategy: str = "auto",
         merge: Sequence[int] | None = None,
-        fused: bool = True,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.backend = check_backend(backend)
-        self.input_size = check_positive_int("input_size", input_size)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self._init_sizes(input_size, hidden_size)
         if not isinstance(complex, bool):
             raise ValueError(f"complex: expected a bool, got {complex!r}")
         if activation not in ACTIVATIONS:
@@ -120,16 +173,10 @@ class _KRUBase(nn.Module):
                 "activation: expected 'modrelu', 'split_relu' or 'identity' with complex=True "
                 "(tanh is for real states), got 'tanh'"
             )
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-        self.factor_shapes = normalize_factor_shapes(factors, hidden_size)
-        # Validates ``merge`` against the factors now rather than at the first forward.
-        plan_recurrence(self.factor_shapes, batch_size=1, strategy=strategy, merge=merge)
+        self._init_plan(factors, strategy, merge)
         self.complex = complex
         self.activation = activation
-        self.strategy = strategy
-        self.merge = None if merge is None else tuple(merge)
-        self.fused = bool(fused)
+        self.fused = True
         real_dtype, state_dtype = resolve_dtypes(dtype, complex)
         kw = {"device": device, "dtype": state_dtype}
         self.recurrent_factors = nn.ParameterList(
@@ -246,13 +293,7 @@ class _KRUBase(nn.Module):
             preferred = preferred_plan(backend, self.factor_shapes, batch_size, dev)
             if preferred is not None:
                 return preferred
-        return plan_recurrence(
-            self.factor_shapes,
-            batch_size=batch_size,
-            device=dev,
-            strategy=self.strategy,
-            merge=self.merge,
-        )
+        return self._rule_plan(batch_size, dev)
 
     def effective_factors(self, plan: KronPlan) -> list[Tensor]:
         """The plan's matrices (built from the factors; cached while gradients are off)."""
@@ -276,11 +317,7 @@ class _KRUBase(nn.Module):
                 raise ValueError("x: expected float features or integer token ids, got bool")
             u = self.weight_ih.mT[x]
             return u if additive is None else u + additive
-        if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"x: expected last dimension input_size={self.input_size}, got shape "
-                f"{tuple(x.shape)}"
-            )
+        self._check_features(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.input_size)
         n = self.hidden_size
@@ -412,7 +449,6 @@ class KRU(_KRUBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.batch_first = bool(batch_first)
         super().__init__(
             input_size,
             hidden_size,
@@ -422,21 +458,16 @@ class KRU(_KRUBase):
             bias=bias,
             strategy=strategy,
             merge=merge,
-            fused=fused,
             backend=backend,
             device=device,
             dtype=dtype,
         )
+        self.batch_first = bool(batch_first)
+        self.fused = bool(fused)
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        tokens = not (x.is_floating_point() or x.is_complex())
-        if x.dim() != (2 if tokens else 3):
-            want = "(B, T) token ids" if tokens else "(B, T, input_size) features"
-            raise ValueError(f"x: expected {want}, got shape {tuple(x.shape)}")
-        time_major = x.transpose(0, 1) if self.batch_first else x
-        steps, batch = time_major.shape[:2]
-        if steps == 0:
-            raise ValueError("x: expected at least one time step, got 0")
+        time_major, tokens = time_major_input(x, self.batch_first)
+        batch = time_major.shape[1]
         u = self.input_projection(time_major.contiguous() if tokens else time_major)
         h = self._initial_state(h0, batch, u, "h0")
         backend = self.resolved_backend(u.device)
@@ -482,36 +513,6 @@ class KRUCell(_KRUBase):
         >>> torch.allclose(h, layer(x)[1], atol=1e-5)
         True
     """
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        *,
-        factors: Sequence[int | Sequence[int]] | None = None,
-        complex: bool = True,
-        activation: str = "modrelu",
-        bias: bool = True,
-        strategy: str = "auto",
-        merge: Sequence[int] | None = None,
-        backend: str = "auto",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            input_size,
-            hidden_size,
-            factors=factors,
-            complex=complex,
-            activation=activation,
-            bias=bias,
-            strategy=strategy,
-            merge=merge,
-            fused=True,
-            backend=backend,
-            device=device,
-            dtype=dtype,
-        )
 
     @classmethod
     def from_layer(cls, layer: KRU) -> KRUCell:

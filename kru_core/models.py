@@ -135,28 +135,18 @@ class SequenceModel(nn.Module):
         self.complex_state = cell == "kru" and complex
         kw: dict[str, Any] = {"device": device, "dtype": real_dtype}
         self.rnn: nn.Module
+        # What the two Kronecker cells take alike.
+        kron_kw: dict[str, Any] = {
+            "factors": factors,
+            "batch_first": True,
+            "strategy": strategy,
+            "backend": backend,
+            **kw,
+        }
         if cell == "kru":
-            self.rnn = KRU(
-                in_dim,
-                hidden_size,
-                factors=factors,
-                complex=complex,
-                activation=activation,
-                batch_first=True,
-                strategy=strategy,
-                backend=backend,
-                **kw,
-            )
+            self.rnn = KRU(in_dim, hidden_size, complex=complex, activation=activation, **kron_kw)
         elif cell == "kru_lstm":
-            self.rnn = KLSTM(
-                in_dim,
-                hidden_size,
-                factors=factors,
-                batch_first=True,
-                strategy=strategy,
-                backend=backend,
-                **kw,
-            )
+            self.rnn = KLSTM(in_dim, hidden_size, **kron_kw)
         elif cell == "rnn":
             self.rnn = nn.RNN(in_dim, hidden_size, nonlinearity="tanh", batch_first=True, **kw)
         else:

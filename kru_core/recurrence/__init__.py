@@ -45,6 +45,8 @@ __all__ = [
     "backend_status",
     "check_backend",
     "fallback_to_eager",
+    "kernel_operands",
+    "needs_grad",
     "preferred_plan",
     "register_backend",
     "resolve_backend",
@@ -204,6 +206,28 @@ def preferred_plan(
     return spec.plan(shapes, batch_size, torch.device(device))
 
 
+def needs_grad(u: Tensor, h0: Tensor, mats: Sequence[Tensor], bias: Tensor | None) -> bool:
+    """Whether a recurrence over these operands must be differentiable: gradients are enabled
+    and one of them requires a gradient."""
+    return torch.is_grad_enabled() and (
+        u.requires_grad
+        or h0.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or any(m.requires_grad for m in mats)
+    )
+
+
+def kernel_operands(
+    u: Tensor, h0: Tensor, mats: Sequence[Tensor], bias: Tensor | None
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None]:
+    """The operands as a compiled backend reads them: each contiguous, and ``u``, ``h0`` and
+    ``mats`` with any lazy conjugation resolved (``bias`` is real)."""
+    u = u.resolve_conj().contiguous()
+    h0 = h0.resolve_conj().contiguous()
+    mats = [m.resolve_conj().contiguous() for m in mats]
+    return u, h0, mats, None if bias is None else bias.contiguous()
+
+
 def run_recurrence(
     u: Tensor,
     h0: Tensor,
@@ -230,13 +254,7 @@ def run_recurrence(
     Differentiable with respect to ``u``, ``h0``, ``mats`` and ``bias``.
     """
     name = resolve_backend(backend, u.device)
-    needs_grad = torch.is_grad_enabled() and (
-        u.requires_grad
-        or h0.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or any(m.requires_grad for m in mats)
-    )
-    if not fused and needs_grad:
+    if not fused and needs_grad(u, h0, mats, bias):
         return eager_recurrence(u, h0, mats, activation=activation, bias=bias, fused=False)
     if name != "eager":
         spec = _REGISTRY[name]

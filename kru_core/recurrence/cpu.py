@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..kron import KronPlan, plan_recurrence
-from . import register_backend
+from . import kernel_operands, needs_grad, register_backend
 
 __all__ = ["build", "cache_dir", "cpu_recurrence", "cpu_supports", "library_path"]
 
@@ -167,18 +167,8 @@ def cpu_recurrence(
 ) -> Tensor:
     """All states ``(T, B, N)`` by the compiled operator (differentiable; see the module)."""
     code = _ACTIVATION_CODES[activation]
-    u = u.resolve_conj().contiguous()
-    h0 = h0.resolve_conj().contiguous()
-    mats = [m.resolve_conj().contiguous() for m in mats]
-    if bias is not None:
-        bias = bias.contiguous() if activation == "modrelu" else None
-    needs_grad = torch.is_grad_enabled() and (
-        u.requires_grad
-        or h0.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or any(m.requires_grad for m in mats)
-    )
-    if not needs_grad:
+    u, h0, mats, bias = kernel_operands(u, h0, mats, bias if activation == "modrelu" else None)
+    if not needs_grad(u, h0, mats, bias):
         return torch.ops.kru.recurrence_forward(u, h0, mats, bias, code)
     return _CpuRecurrence.apply(code, u, h0, bias, *mats)
 

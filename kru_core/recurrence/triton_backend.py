@@ -76,7 +76,7 @@ from torch import Tensor
 
 from ..activations import MODRELU_EPS
 from ..kron import KronPlan, default_merge, kron_matrix
-from . import register_backend
+from . import kernel_operands, needs_grad, register_backend
 from .eager import eager_recurrence
 
 __all__ = [
@@ -145,24 +145,22 @@ def _mm_tn(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _cmm(ar, ai, br, bi, DOT: tl.constexpr, COMPLEX: tl.constexpr):
-    """Complex ``a @ b`` from split parts (real: ``ai``, ``bi`` ignored, ``ci = cr``)."""
-    cr = _mm(ar, br, DOT)
-    if COMPLEX:
-        cr = cr - _mm(ai, bi, DOT)
-        ci = _mm(ar, bi, DOT) + _mm(ai, br, DOT)
+def _mm_op(a, b, DOT: tl.constexpr, TN: tl.constexpr):
+    """:func:`_mm_tn` if ``TN``, else :func:`_mm`."""
+    if TN:
+        return _mm_tn(a, b, DOT)
     else:
-        ci = cr
-    return cr, ci
+        return _mm(a, b, DOT)
 
 
 @triton.jit
-def _cmm_tn(ar, ai, br, bi, DOT: tl.constexpr, COMPLEX: tl.constexpr):
-    """Complex ``a^T @ b`` from split parts."""
-    cr = _mm_tn(ar, br, DOT)
+def _cmm(ar, ai, br, bi, DOT: tl.constexpr, COMPLEX: tl.constexpr, TN: tl.constexpr):
+    """Complex ``a @ b`` (``a^T @ b`` if ``TN``) from split parts (real: ``ai``, ``bi``
+    ignored, ``ci = cr``)."""
+    cr = _mm_op(ar, br, DOT, TN)
     if COMPLEX:
-        cr = cr - _mm_tn(ai, bi, DOT)
-        ci = _mm_tn(ar, bi, DOT) + _mm_tn(ai, br, DOT)
+        cr = cr - _mm_op(ai, bi, DOT, TN)
+        ci = _mm_op(ar, bi, DOT, TN) + _mm_op(ai, br, DOT, TN)
     else:
         ci = cr
     return cr, ci
@@ -200,7 +198,7 @@ def _apply(xr, xi, wtr, wti, AXIS: tl.constexpr, BB: tl.constexpr, D0: tl.conste
     ``(BB, D0, D1, D2)`` (``D_AXIS = Q``); that axis becomes ``OUT`` long."""
     ar = _to_rows(xr, AXIS, BB, D0, D1, D2)
     ai = _to_rows(xi, AXIS, BB, D0, D1, D2) if COMPLEX else ar
-    yr, yi = _cmm(ar, ai, wtr, wti, DOT, COMPLEX)
+    yr, yi = _cmm(ar, ai, wtr, wti, DOT, COMPLEX, False)
     if AXIS == 1:
         yr = _from_rows(yr, AXIS, BB, OUT, D1, D2)
         yi = _from_rows(yi, AXIS, BB, OUT, D1, D2) if COMPLEX else yr
@@ -227,7 +225,24 @@ def _grad_factor(gr, gi, xr, xi, AXIS: tl.constexpr, BB: tl.constexpr, G0: tl.co
     else:
         a_i = a_r
         b_i = b_r
-    return _cmm_tn(a_r, a_i, b_r, b_i, DOT, COMPLEX)
+    return _cmm(a_r, a_i, b_r, b_i, DOT, COMPLEX, True)
+
+
+@triton.jit
+def _factor_backward(gr, gi, xr, xi, ar, ai, gwr, gwi, AXIS: tl.constexpr, BB: tl.constexpr,
+                     G0: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr, X0: tl.constexpr,
+                     X1: tl.constexpr, X2: tl.constexpr, Q: tl.constexpr, DOT: tl.constexpr,
+                     COMPLEX: tl.constexpr, NEED_W: tl.constexpr):  # fmt: skip
+    """One factor of the adjoint, for the factor that maps block ``x`` ``(BB, X0, X1, X2)`` to
+    block ``g``'s shape ``(BB, G0, G1, G2)`` along axis ``AXIS`` (``Q = X_AXIS``), given as its
+    adjoint ``a``: ``(dL/dx, gw + sum_rows g x^H)`` (``gw`` unchanged unless ``NEED_W``)."""
+    if NEED_W:
+        dr, di = _grad_factor(gr, gi, xr, xi, AXIS, BB, G0, G1, G2, X0, X1, X2, DOT, COMPLEX)
+        gwr = gwr + dr
+        if COMPLEX:
+            gwi = gwi + di
+    yr, yi = _apply(gr, gi, ar, ai, AXIS, BB, G0, G1, G2, Q, DOT, COMPLEX)
+    return yr, yi, gwr, gwi
 
 
 @triton.jit
@@ -277,6 +292,19 @@ def _load_factor(ptr, P: tl.constexpr, Q: tl.constexpr, SP: tl.constexpr, SQ: tl
     if CONJ and COMPLEX:
         wi = -wi
     return wr, wi
+
+
+@triton.jit
+def _load_slot(ptr, P: tl.constexpr, Q: tl.constexpr, SP: tl.constexpr, SQ: tl.constexpr,
+               TRANSPOSE: tl.constexpr, CONJ: tl.constexpr, COMPLEX: tl.constexpr,
+               PRESENT: tl.constexpr):  # fmt: skip
+    """:func:`_load_factor` for a slot that may hold no factor (``PRESENT`` false: a ``(1, 1)``
+    placeholder, never read)."""
+    if PRESENT:
+        return _load_factor(ptr, P, Q, SP, SQ, TRANSPOSE, CONJ, COMPLEX)
+    else:
+        placeholder = tl.zeros((1, 1), tl.float32)
+        return placeholder, placeholder
 
 
 @triton.jit
@@ -393,16 +421,8 @@ def _forward_kernel(u_ptr, states_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, B, T,
     C: tl.constexpr = 2 if COMPLEX else 1
     row0 = tl.program_id(0) * BB
     # The factors, once: F_k^T (Q_k, P_k) tiles in registers.
-    if HAS0:
-        w0r, w0i = _load_factor(w0_ptr, P0, Q0, SP0, SQ0, True, False, COMPLEX)
-    else:
-        w0r = tl.zeros((1, 1), tl.float32)
-        w0i = w0r
-    if HAS1:
-        w1r, w1i = _load_factor(w1_ptr, P1, Q1, SP1, SQ1, True, False, COMPLEX)
-    else:
-        w1r = tl.zeros((1, 1), tl.float32)
-        w1i = w1r
+    w0r, w0i = _load_slot(w0_ptr, P0, Q0, SP0, SQ0, True, False, COMPLEX, HAS0)
+    w1r, w1i = _load_slot(w1_ptr, P1, Q1, SP1, SQ1, True, False, COMPLEX, HAS1)
     w2r, w2i = _load_factor(w2_ptr, P2, Q2, SP2, SQ2, True, False, COMPLEX)
     off_q, mask_q = _offsets(row0, B, Q0, Q1, Q2, BB, SQ0, SQ1, SQ2, N, C)
     off_p, mask_p = _offsets(row0, B, P0, P1, P2, BB, SP0, SP1, SP2, N, C)
@@ -456,22 +476,10 @@ def _backward_kernel(grad_ptr, states_ptr, u_ptr, w0_ptr, w1_ptr, w2_ptr, bias_p
     pid = tl.program_id(0)
     row0 = pid * BB
     # F_k^T for the recomputed forward, conj(F_k) (P_k, Q_k) for the adjoint.
-    if HAS0:
-        w0r, w0i = _load_factor(w0_ptr, P0, Q0, SP0, SQ0, True, False, COMPLEX)
-        a0r, a0i = _load_factor(w0_ptr, P0, Q0, SP0, SQ0, False, True, COMPLEX)
-    else:
-        w0r = tl.zeros((1, 1), tl.float32)
-        w0i = w0r
-        a0r = w0r
-        a0i = w0r
-    if HAS1:
-        w1r, w1i = _load_factor(w1_ptr, P1, Q1, SP1, SQ1, True, False, COMPLEX)
-        a1r, a1i = _load_factor(w1_ptr, P1, Q1, SP1, SQ1, False, True, COMPLEX)
-    else:
-        w1r = tl.zeros((1, 1), tl.float32)
-        w1i = w1r
-        a1r = w1r
-        a1i = w1r
+    w0r, w0i = _load_slot(w0_ptr, P0, Q0, SP0, SQ0, True, False, COMPLEX, HAS0)
+    a0r, a0i = _load_slot(w0_ptr, P0, Q0, SP0, SQ0, False, True, COMPLEX, HAS0)
+    w1r, w1i = _load_slot(w1_ptr, P1, Q1, SP1, SQ1, True, False, COMPLEX, HAS1)
+    a1r, a1i = _load_slot(w1_ptr, P1, Q1, SP1, SQ1, False, True, COMPLEX, HAS1)
     w2r, w2i = _load_factor(w2_ptr, P2, Q2, SP2, SQ2, True, False, COMPLEX)
     a2r, a2i = _load_factor(w2_ptr, P2, Q2, SP2, SQ2, False, True, COMPLEX)
     off_q, mask_q = _offsets(row0, B, Q0, Q1, Q2, BB, SQ0, SQ1, SQ2, N, C)
@@ -510,31 +518,19 @@ def _backward_kernel(grad_ptr, states_ptr, u_ptr, w0_ptr, w1_ptr, w2_ptr, bias_p
             gbias = gbias + gb
         _store2(grad_u_ptr + step, off_p, mask_p, gzr, gzi, COMPLEX)
         # Factor 2 (last axis): x2 (BB, SP0, SP1, SQ2) -> z (BB, SP0, SP1, SP2).
-        if NEED_W:
-            dr2, di2 = _grad_factor(gzr, gzi, x2r, x2i, 3, BB, SP0, SP1, SP2, SP0, SP1, SQ2,
-                                    DOT2, COMPLEX)  # fmt: skip
-            g2r = g2r + dr2
-            if COMPLEX:
-                g2i = g2i + di2
-        gr, gi = _apply(gzr, gzi, a2r, a2i, 3, BB, SP0, SP1, SP2, SQ2, DOT2, COMPLEX)
+        gr, gi, g2r, g2i = _factor_backward(gzr, gzi, x2r, x2i, a2r, a2i, g2r, g2i, 3, BB,
+                                            SP0, SP1, SP2, SP0, SP1, SQ2, SQ2, DOT2, COMPLEX,
+                                            NEED_W)  # fmt: skip
         if HAS1:
             # Factor 1: x1 (BB, SP0, SQ1, SQ2) -> x2 (BB, SP0, SP1, SQ2).
-            if NEED_W:
-                dr1, di1 = _grad_factor(gr, gi, x1r, x1i, 2, BB, SP0, SP1, SQ2, SP0, SQ1, SQ2,
-                                        DOT1, COMPLEX)  # fmt: skip
-                g1r = g1r + dr1
-                if COMPLEX:
-                    g1i = g1i + di1
-            gr, gi = _apply(gr, gi, a1r, a1i, 2, BB, SP0, SP1, SQ2, SQ1, DOT1, COMPLEX)
+            gr, gi, g1r, g1i = _factor_backward(gr, gi, x1r, x1i, a1r, a1i, g1r, g1i, 2, BB,
+                                                SP0, SP1, SQ2, SP0, SQ1, SQ2, SQ1, DOT1,
+                                                COMPLEX, NEED_W)  # fmt: skip
         if HAS0:
             # Factor 0: x0 (BB, SQ0, SQ1, SQ2) -> x1 (BB, SP0, SQ1, SQ2).
-            if NEED_W:
-                dr0, di0 = _grad_factor(gr, gi, x0r, x0i, 1, BB, SP0, SQ1, SQ2, SQ0, SQ1, SQ2,
-                                        DOT0, COMPLEX)  # fmt: skip
-                g0r = g0r + dr0
-                if COMPLEX:
-                    g0i = g0i + di0
-            gr, gi = _apply(gr, gi, a0r, a0i, 1, BB, SP0, SQ1, SQ2, SQ0, DOT0, COMPLEX)
+            gr, gi, g0r, g0i = _factor_backward(gr, gi, x0r, x0i, a0r, a0i, g0r, g0i, 1, BB,
+                                                SP0, SQ1, SQ2, SQ0, SQ1, SQ2, SQ0, DOT0,
+                                                COMPLEX, NEED_W)  # fmt: skip
         # gr, gi: dL/dh_{t-1} by Q digits; the next step adds it by P digits.
         if SQUARE:
             ghr = gr
@@ -971,18 +967,8 @@ def triton_recurrence(
         return eager_recurrence(u, h0, mats, activation=activation, bias=bias)
     merged = _merge(mats)
     code = _ACTIVATION_CODES[activation]
-    u = u.resolve_conj().contiguous()
-    h0 = h0.resolve_conj().contiguous()
-    merged = [m.resolve_conj().contiguous() for m in merged]
-    if bias is not None:
-        bias = bias.contiguous()
-    needs_grad = torch.is_grad_enabled() and (
-        u.requires_grad
-        or h0.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or any(m.requires_grad for m in merged)
-    )
-    if not needs_grad:
+    u, h0, merged, bias = kernel_operands(u, h0, merged, bias)
+    if not needs_grad(u, h0, merged, bias):
         steps, batch, n = u.shape
         states = torch.empty((steps + 1, batch, n), dtype=u.dtype, device=u.device)
         states[0] = h0

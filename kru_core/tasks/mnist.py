@@ -76,6 +76,23 @@ def load_mnist() -> dict[str, tuple[Tensor, Tensor]]:
     return out
 
 
+def mnist_task_info(permutation: Tensor | None = None) -> TaskInfo:
+    """The task info of pixel MNIST (one pixel per step, :data:`N_CLASSES` classes, one label
+    per image); permuted MNIST's pixel ``permutation`` is stored for the predictor."""
+    extra: dict[str, Any] = {"permuted": permutation is not None}
+    if permutation is not None:
+        extra["input_permutation"] = permutation.tolist()
+    return TaskInfo(
+        task_kind="mnist",
+        target_kind="classification",
+        input_kind="features",
+        output_size=N_CLASSES,
+        per_step=False,
+        input_size=1,
+        extra=extra,
+    )
+
+
 def pixel_permutation() -> Tensor:
     """The fixed permutation of permuted MNIST: ``LongTensor (784,)``."""
     return torch.randperm(PIXELS, generator=torch.Generator().manual_seed(PERMUTATION_SEED))
@@ -92,19 +109,8 @@ class MnistTask(Task):
     def __init__(self, *, permuted: bool, eval_size: int) -> None:
         super().__init__()
         data = load_mnist()
-        extra: dict[str, Any] = {"permuted": permuted}
         permutation = pixel_permutation() if permuted else None
-        if permutation is not None:
-            extra["input_permutation"] = permutation.tolist()
-        self.info = TaskInfo(
-            task_kind="mnist",
-            target_kind="classification",
-            input_kind="features",
-            output_size=N_CLASSES,
-            per_step=False,
-            input_size=1,
-            extra=extra,
-        )
+        self.info = mnist_task_info(permutation)
 
         def sequences(images: Tensor) -> Tensor:
             if permutation is not None:

@@ -13,7 +13,7 @@ from kru_core.config import JobConfig
 from kru_core.errors import InputError
 from kru_core.inference import LoadedModel
 from kru_core.models import build_model
-from kru_core.tasks import TaskInfo
+from kru_core.tasks.mnist import mnist_task_info
 from kru_core.training import train
 
 torch.set_num_threads(1)
@@ -152,15 +152,7 @@ def test_prediction_shapes_per_kind(tmp_path: Path, rows: list[dict], check: obj
 
 
 def test_permutation_is_applied_to_raw_inputs() -> None:
-    info = TaskInfo(
-        task_kind="mnist",
-        target_kind="classification",
-        input_kind="features",
-        output_size=3,
-        per_step=False,
-        input_size=1,
-        extra={"input_permutation": [2, 0, 1]},
-    )
+    info = mnist_task_info(torch.tensor([2, 0, 1]))  # permuted MNIST of 3-pixel images
     cfg = config({"kind": "copy"})
     torch.manual_seed(0)
     net = build_model(cfg.model, info)

@@ -30,6 +30,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -152,6 +154,12 @@ inline void apply_factor(const Factor& f, const T* __restrict wr, const T* __res
   }
 }
 
+// The two rows of a 2x2 factor's axis in an array laid out (R, 2, SL): base + o and SL further.
+template <typename P>
+inline std::pair<P*, P*> rows2(P* base, int64_t o, int64_t SL) {
+  return {base + o, base + o + SL};
+}
+
 // y = M_k x for a 2x2 factor, as butterflies: each output pair reads its input pair once.
 // y may be x (in place: every iteration reads and writes only its own index s).
 template <typename T, bool C, int L>
@@ -162,15 +170,12 @@ inline void apply2(const Factor& f, const T* wr, const T* wi, const T* xr, const
   const T ai = C ? wi[0] : T(0), bi = C ? wi[1] : T(0), ci = C ? wi[2] : T(0),
           di = C ? wi[3] : T(0);
   for (int64_t r = 0; r < f.R; ++r) {
-    const T* x0r = xr + 2 * r * SL;
-    const T* x1r = x0r + SL;
-    T* y0r = yr + 2 * r * SL;
-    T* y1r = y0r + SL;
+    const int64_t o = 2 * r * SL;
+    const auto [x0r, x1r] = rows2(xr, o, SL);
+    const auto [y0r, y1r] = rows2(yr, o, SL);
     if (C) {
-      const T* x0i = xi + 2 * r * SL;
-      const T* x1i = x0i + SL;
-      T* y0i = yi + 2 * r * SL;
-      T* y1i = y0i + SL;
+      const auto [x0i, x1i] = rows2(xi, o, SL);
+      const auto [y0i, y1i] = rows2(yi, o, SL);
 #pragma omp simd
       for (int64_t s = 0; s < SL; ++s) {
         const T p = x0r[s], q = x0i[s], v = x1r[s], w = x1i[s];
@@ -207,19 +212,13 @@ inline void adjoint2(const Factor& f, const T* wr, const T* wi, const T* __restr
   for (int64_t r = 0; r < f.R; ++r) {
     for (int64_t sb = 0; sb < S; ++sb) {
       const int64_t o = 2 * r * SL + sb * L;
-      const T* x0r = xr + o;
-      const T* x1r = x0r + SL;
-      const T* g0r = gyr + o;
-      const T* g1r = g0r + SL;
-      T* h0r = gxr + o;
-      T* h1r = h0r + SL;
+      const auto [x0r, x1r] = rows2(xr, o, SL);
+      const auto [g0r, g1r] = rows2(gyr, o, SL);
+      const auto [h0r, h1r] = rows2(gxr, o, SL);
       if (C) {
-        const T* x0i = xi + o;
-        const T* x1i = x0i + SL;
-        const T* g0i = gyi + o;
-        const T* g1i = g0i + SL;
-        T* h0i = gxi + o;
-        T* h1i = h0i + SL;
+        const auto [x0i, x1i] = rows2(xi, o, SL);
+        const auto [g0i, g1i] = rows2(gyi, o, SL);
+        const auto [h0i, h1i] = rows2(gxi, o, SL);
 #pragma omp simd
         for (int l = 0; l < L; ++l) {
           const T p = x0r[l], q = x0i[l], v = x1r[l], w = x1i[l];
@@ -759,6 +758,24 @@ void check_inputs(const at::Tensor& u, const at::Tensor& h0, const std::vector<a
   }
 }
 
+// fn(T{}, std::bool_constant<C>{}) for a tensor's dtype: T the real scalar type, C whether it
+// is complex; any other dtype is an error naming op.
+template <typename F>
+decltype(auto) dispatch_dtype(at::ScalarType dtype, const char* op, F&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(float{}, std::false_type{});
+    case at::kDouble:
+      return fn(double{}, std::false_type{});
+    case at::kComplexFloat:
+      return fn(float{}, std::true_type{});
+    case at::kComplexDouble:
+      return fn(double{}, std::true_type{});
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
 template <typename T>
 const T* bias_ptr(const c10::optional<at::Tensor>& bias) {
   return bias.has_value() && bias->defined() ? bias->data_ptr<T>() : nullptr;
@@ -770,22 +787,11 @@ at::Tensor recurrence_forward(const at::Tensor& u, const at::Tensor& h0,
   check_inputs(u, h0, mats, bias, activation);
   for (auto& w : mats) w = w.contiguous();
   auto out = at::empty_like(u);
-  switch (u.scalar_type()) {
-    case at::kFloat:
-      forward_dispatch<float, false>(u, h0, mats, bias_ptr<float>(bias), activation, out);
-      break;
-    case at::kDouble:
-      forward_dispatch<double, false>(u, h0, mats, bias_ptr<double>(bias), activation, out);
-      break;
-    case at::kComplexFloat:
-      forward_dispatch<float, true>(u, h0, mats, bias_ptr<float>(bias), activation, out);
-      break;
-    case at::kComplexDouble:
-      forward_dispatch<double, true>(u, h0, mats, bias_ptr<double>(bias), activation, out);
-      break;
-    default:
-      TORCH_CHECK(false, "kru::recurrence_forward: unsupported dtype ", u.scalar_type());
-  }
+  dispatch_dtype(u.scalar_type(), "kru::recurrence_forward", [&](auto real, auto complex) {
+    using T = decltype(real);
+    forward_dispatch<T, decltype(complex)::value>(u, h0, mats, bias_ptr<T>(bias), activation,
+                                                  out);
+  });
   return out;
 }
 
@@ -801,22 +807,11 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& grad_out, const at
   auto o = out.contiguous();
   for (auto& w : mats) w = w.contiguous();
   const bool need_bias = bias.has_value() && bias->defined() && activation == MODRELU;
-  switch (u.scalar_type()) {
-    case at::kFloat:
-      return backward_dispatch<float, false>(go, o, u, h0, mats, bias_ptr<float>(bias), activation,
-                                         need_mats, need_bias);
-    case at::kDouble:
-      return backward_dispatch<double, false>(go, o, u, h0, mats, bias_ptr<double>(bias),
-                                          activation, need_mats, need_bias);
-    case at::kComplexFloat:
-      return backward_dispatch<float, true>(go, o, u, h0, mats, bias_ptr<float>(bias), activation,
-                                        need_mats, need_bias);
-    case at::kComplexDouble:
-      return backward_dispatch<double, true>(go, o, u, h0, mats, bias_ptr<double>(bias), activation,
-                                         need_mats, need_bias);
-    default:
-      TORCH_CHECK(false, "kru::recurrence_backward: unsupported dtype ", u.scalar_type());
-  }
+  return dispatch_dtype(u.scalar_type(), "kru::recurrence_backward", [&](auto real, auto complex) {
+    using T = decltype(real);
+    return backward_dispatch<T, decltype(complex)::value>(go, o, u, h0, mats, bias_ptr<T>(bias),
+                                                          activation, need_mats, need_bias);
+  });
 }
 
 }  // namespace
