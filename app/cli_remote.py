@@ -58,6 +58,13 @@ def _remote(run: Any) -> Any:
     return wrapped
 
 
+def _actions(handler: Any, *parsers: argparse.ArgumentParser) -> None:
+    """Give each action's parser the remote arguments and ``handler``."""
+    for q in parsers:
+        _add_remote_arguments(q)
+        q.set_defaults(handler=handler)
+
+
 def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -80,9 +87,7 @@ def add_jobs(subparsers: argparse._SubParsersAction) -> None:
     watch.add_argument("job_id", metavar="ID")
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id", metavar="ID")
-    for q in (submit, listing, watch, cancel):
-        _add_remote_arguments(q)
-        q.set_defaults(handler=run_jobs)
+    _actions(run_jobs, submit, listing, watch, cancel)
 
 
 @_remote
@@ -143,9 +148,7 @@ def add_models(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=100)
     generate.add_argument("--temperature", type=float, default=1.0)
     generate.add_argument("--seed", type=int)
-    for q in (listing, predict, generate):
-        _add_remote_arguments(q)
-        q.set_defaults(handler=run_models)
+    _actions(run_models, listing, predict, generate)
 
 
 @_remote
@@ -202,9 +205,7 @@ def add_sessions(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("session_id", metavar="SESSION_ID")
     delete = sub.add_parser("delete", help="close a session")
     delete.add_argument("session_id", metavar="SESSION_ID")
-    for q in (stream, show, delete):
-        _add_remote_arguments(q)
-        q.set_defaults(handler=run_sessions)
+    _actions(run_sessions, stream, show, delete)
 
 
 def _chunks(path: Path) -> Any:

@@ -28,7 +28,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
@@ -276,38 +276,23 @@ def advance_many(advances: Sequence[Advance]) -> list[dict[str, Any] | Exception
     return (the winner's, for a concurrent duplicate), or the NotFound / PositionConflict to
     raise."""
     now = utcnow()
-    won = _store().advance_many(
-        [
-            Step(
-                id=item.row.id,
-                position=item.position,
-                steps=item.steps,
-                ttl_seconds=item.row.ttl_seconds,
-                state=state_to_bytes(item.state),
-                digest=item.chunk_digest,
-                answer=item.answer,
-            )
-            for item in advances
-        ]
-    )
+    steps = [
+        Step(
+            id=item.row.id,
+            position=item.position,
+            steps=item.steps,
+            ttl_seconds=item.row.ttl_seconds,
+            state=state_to_bytes(item.state),
+            digest=item.chunk_digest,
+            answer=item.answer,
+        )
+        for item in advances
+    ]
+    won = _store().advance_many(steps)
     out: list[dict[str, Any] | Exception] = []
-    for item, ok in zip(advances, won, strict=True):
+    for item, step, ok in zip(advances, steps, won, strict=True):
         if ok:
-            _remember(
-                SessionRecord(
-                    id=item.row.id,
-                    model_id=item.row.model_id,
-                    position=item.position + item.steps,
-                    state=None,
-                    decoded=item.state,
-                    last_position=item.position,
-                    last_digest=item.chunk_digest,
-                    last_answer=item.answer,
-                    ttl_seconds=item.row.ttl_seconds,
-                    created_at=item.row.created_at,
-                    expires_at=now + timedelta(seconds=item.row.ttl_seconds),
-                )
-            )
+            _remember(step.applied(item.row, item.state, now))
             out.append(item.answer)
             continue
         _forget(item.row.id)

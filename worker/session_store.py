@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -77,13 +77,13 @@ class SessionRecord:
     id: str
     model_id: str
     position: int
-    state: bytes | None
-    last_position: int | None
-    last_digest: str | None
-    last_answer: dict[str, Any] | None
     ttl_seconds: float
     created_at: datetime
     expires_at: datetime
+    state: bytes | None = None
+    last_position: int | None = None
+    last_digest: str | None = None
+    last_answer: dict[str, Any] | None = None
     decoded: Any = field(default=None, repr=False, compare=False)
 
 
@@ -98,6 +98,19 @@ class Step:
     state: bytes
     digest: str
     answer: dict[str, Any]
+
+    def applied(self, record: SessionRecord, decoded: Any, now: datetime) -> SessionRecord:
+        """``record`` after this step, as the store now has it (the state kept ``decoded``)."""
+        return replace(
+            record,
+            position=self.position + self.steps,
+            state=None,
+            decoded=decoded,
+            last_position=self.position,
+            last_digest=self.digest,
+            last_answer=self.answer,
+            expires_at=now + timedelta(seconds=self.ttl_seconds),
+        )
 
 
 class SessionStore(Protocol):
@@ -136,19 +149,11 @@ class SessionStore(Protocol):
 # --- the database ----------------------------------------------------------------------------
 
 
+_STORED = [f.name for f in fields(SessionRecord) if f.name != "decoded"]
+
+
 def _record(row: StreamSession) -> SessionRecord:
-    return SessionRecord(
-        id=row.id,
-        model_id=row.model_id,
-        position=row.position,
-        state=row.state,
-        last_position=row.last_position,
-        last_digest=row.last_digest,
-        last_answer=row.last_answer,
-        ttl_seconds=row.ttl_seconds,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-    )
+    return SessionRecord(**{name: getattr(row, name) for name in _STORED})
 
 
 class SqlSessionStore:
@@ -345,18 +350,8 @@ class RedisSessionStore:
         )
         if not ok:
             raise _too_many(int(count), max_sessions, int(value) / 1000)
-        return SessionRecord(
-            id=session_id,
-            model_id=model_id,
-            position=0,
-            state=None,
-            last_position=None,
-            last_digest=None,
-            last_answer=None,
-            ttl_seconds=ttl_seconds,
-            created_at=created,
-            expires_at=created + timedelta(milliseconds=ttl_ms),
-        )
+        expires = created + timedelta(milliseconds=ttl_ms)
+        return SessionRecord(session_id, model_id, 0, ttl_seconds, created, expires)
 
     def get(self, session_id: str) -> SessionRecord | None:
         """See :class:`SessionStore`."""

@@ -20,8 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import torch
 from api_server import running_api
+from deploy.faults import RedisServer
 from fastapi.testclient import TestClient
 from test_api_predict import MAX_LENGTH, models  # noqa: F401 - the module's trained models
 
@@ -30,6 +32,7 @@ from app.predictor import ClientDisconnected, Job
 from app.sessions import count_sessions
 from kru_client import Client
 from worker import service
+from worker.session_store import REDIS_PREFIX
 from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -415,12 +418,31 @@ def test_sessions_expire_and_are_bounded(models: Models, ids: dict[str, str]) ->
         assert client.post(url, json={"ttl_seconds": -1}).status_code == 422
 
 
+@pytest.mark.parametrize("store", ["database", "redis"])
 def test_a_session_continues_on_another_api_process_and_after_a_restart(
     models: Models,  # noqa: F811
     ids: dict[str, str],
     tmp_path: Any,
+    store: str,
 ) -> None:
+    """Two API processes share the session; then the API restarts. With ``KRU_SESSION_STORE``
+    on a private Redis, Redis is killed (SIGKILL) and restarted in between as well."""
+    server = None
     settings = models[0]
+    if store == "redis":
+        server = RedisServer(tmp_path / "redis")
+        server.start()
+        settings = settings.model_copy(update={"session_store": server.url})
+    try:
+        _continue_a_session(settings, ids, tmp_path, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _continue_a_session(
+    settings: Settings, ids: dict[str, str], tmp_path: Any, server: RedisServer | None
+) -> None:
     sequence = WHOLE["copy"]
     expected_all: list[int] = []
     with TestClient(create_app(settings)) as local:
@@ -451,6 +473,15 @@ def test_a_session_continues_on_another_api_process_and_after_a_restart(
         # the same chunk sent to the other replica as a retry: the same answer
         retry = cb.post(url, json={"inputs": parts[2], "position": position - len(parts[2])})
         assert retry.json()["predictions"] == body["predictions"]
+        # the model is in use: not deleted while the session is open
+        in_use = ca.delete(f"/v1/models/{ids['copy']}")
+        assert in_use.status_code == 409 and "streaming session" in in_use.json()["detail"]
+    if server is not None:  # the session is in Redis (its append-only file survives a SIGKILL)
+        raw = redis.Redis.from_url(server.url)
+        assert raw.hget(REDIS_PREFIX + session["id"], "position") == b"%d" % position
+        raw.close()
+        server.kill()
+        server.start()
     with running_api(settings, tmp_path / "c.log") as c, c.client() as cc:  # restarted
         assert cc.get(f"/v1/sessions/{session['id']}").json()["position"] == position
         for part in parts[3:-1]:

@@ -1,9 +1,9 @@
 """The session stores (worker/session_store.py): the database's and Redis's, the same contract.
 
 The store tests run against both (a SQLite job store in a temp directory, and a private
-``redis-server`` that the test starts, as compose runs it: append-only file, a password). The API
-tests stream a session over Redis through two API processes, then kill Redis with SIGKILL,
-restart it and the API, and finish the stream: the predictions are those of one predict.
+``redis-server`` that the test starts, as compose runs it: append-only file, a password). The
+API over Redis (two replicas, Redis killed and restarted, the API restarted) is
+test_api_serving.py's ``test_a_session_continues_on_another_api_process_and_after_a_restart``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from api_server import running_api
 from deploy.faults import RedisServer, redis_server
-from test_api_predict import models  # noqa: F401 - the module's trained models
-from test_api_serving import WHOLE, chunked
 
 from worker import context, schema
 from worker.db import Store
@@ -143,53 +139,6 @@ def test_bad_session_store_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="session_store"):
         Settings(session_store="postgresql://x/y")
     assert Settings(session_store="redis://127.0.0.1:1/0").session_store.startswith("redis://")
-
-
-@pytest.mark.slow
-def test_the_api_streams_a_session_on_redis_across_replicas_and_restarts(
-    models: Models,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    base, ids = models
-    sequence = WHOLE["copy"]
-    parts = chunked(sequence)
-    with redis_server(tmp_path) as server:
-        settings = base.model_copy(update={"session_store": server.url})
-        with running_api(settings, tmp_path / "a.log") as a, a.client() as ca:
-            expected = ca.post(
-                f"/v1/models/{ids['copy']}/predict", json={"inputs": [sequence]}
-            ).json()["predictions"][0]
-            with running_api(settings, tmp_path / "b.log") as b, b.client() as cb:
-                session = ca.post(f"/v1/models/{ids['copy']}/sessions").json()
-                url = f"/v1/sessions/{session['id']}/predict"
-                got: list[Any] = []
-                position = 0
-                for i, part in enumerate(parts[:3]):
-                    http = ca if i % 2 == 0 else cb  # alternate replicas
-                    body = http.post(url, json={"inputs": part, "position": position}).json()
-                    got += body["predictions"]
-                    position = body["position"]
-                stale = cb.post(url, json={"inputs": [7], "position": 4})
-                assert stale.status_code == 409 and f"current position {position}" in (
-                    stale.json()["detail"]
-                )
-                # the model is in use: not deleted while the session is open
-                gone = ca.delete(f"/v1/models/{ids['copy']}")
-                assert gone.status_code == 409 and "streaming session" in gone.json()["detail"]
-        raw = redis.Redis.from_url(server.url)
-        assert raw.hget(REDIS_PREFIX + session["id"], "position") == str(position).encode()
-        raw.close()
-        server.kill()
-        server.start()
-        with running_api(settings, tmp_path / "c.log") as c, c.client() as cc:  # restarted
-            assert cc.get(f"/v1/sessions/{session['id']}").json()["position"] == position
-            for part in parts[3:]:
-                body = cc.post(url, json={"inputs": part, "position": position}).json()
-                got += body["predictions"]
-                position = body["position"]
-            assert cc.delete(f"/v1/sessions/{session['id']}").status_code == 204
-            assert cc.get(f"/v1/sessions/{session['id']}").status_code == 404
-    assert got == expected
 
 
 def test_the_model_delete_check_reads_the_session_store(tmp_path: Path) -> None:
