@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select, update
 
 from worker.db import Store, db_clock
+from worker.errors import Conflict, NotFound
 from worker.jobs import locked_job_row
-from worker.models import Job, JobEvent, MetricPoint, Model, job_table
+from worker.models import Job, JobEvent, MetricPoint, Model, StreamSession, job_table
 from worker.views import FINISHED_STATUSES
 
 if TYPE_CHECKING:
@@ -121,7 +122,6 @@ def delete_job(ctx: Context, job_id: str, *, owner: str) -> None:
     of checkpoints. ``NotFound`` for an unknown id or another key's job; ``Conflict`` while it
     is queued or running (cancel it first), or while it has a registered model (delete the
     model first: ``DELETE /v1/models/{id}``)."""
-    from worker.errors import Conflict, NotFound
 
     with ctx.store.reading() as db:
         row = db.get(Job, job_id)
@@ -151,8 +151,6 @@ def delete_job(ctx: Context, job_id: str, *, owner: str) -> None:
 def check_model_unused(ctx: Context, model_id: str) -> None:
     """``Conflict`` while a streaming session is open on ``model_id`` (in the session store of
     ``KRU_SESSION_STORE``: the job store's table or Redis)."""
-    from worker.errors import Conflict
-
     open_sessions = ctx.sessions.count_on_model(model_id)
     if open_sessions:
         raise Conflict(
@@ -165,9 +163,6 @@ def delete_model(ctx: Context, model_id: str, *, owner: str) -> None:
     """Delete a model of ``owner``'s job: its row and its checkpoint directory (the job stays,
     with no model). ``NotFound`` for an unknown id or another key's model; ``Conflict`` while a
     streaming session is open on it (:func:`check_model_unused`)."""
-    from worker.errors import NotFound
-    from worker.models import StreamSession
-
     with ctx.store.reading() as db:
         model = db.get(Model, model_id)
         job = db.get(Job, model.job_id) if model is not None else None

@@ -329,7 +329,7 @@ class RedisSessionStore:
     """
 
     def __init__(self, url: str) -> None:
-        import redis
+        import redis  # here, not at the top: the embedded default never loads it
 
         self.client: Any = redis.Redis.from_url(
             url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
