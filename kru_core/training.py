@@ -242,6 +242,8 @@ class _Run:
         self.elapsed_before = 0.0  # seconds spent by earlier attempts of this run
         self.started = time.monotonic()
         self.last_checkpoint: Path | None = None
+        self.saved_at: int | None = None  # steps of the last checkpoint and evaluation, so
+        self.evaluated_at: int | None = None  # that an early exit does neither twice at a step
 
     # -- state -------------------------------------------------------------------------------
 
@@ -267,6 +269,7 @@ class _Run:
         self.eval_metrics = {k: v for k, v in checkpoint.metrics.items() if v is not None}
         self.elapsed_before = float(checkpoint.meta.get("elapsed_seconds", 0.0))
         self.last_checkpoint = checkpoint.path
+        self.saved_at = checkpoint.step
         logger.info("resuming from %s (step %d)", checkpoint.path, self.step)
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
@@ -290,12 +293,14 @@ class _Run:
             parameter_counts=self.counts,
             meta={"elapsed_seconds": self.elapsed()},
         )
+        self.saved_at = self.step
         notify(Progress(self.step, self.tc.steps, dict(self.eval_metrics), "checkpoint"))
         return self.last_checkpoint
 
     def evaluate(self, notify: Callable[[Progress], None]) -> None:
         metrics = evaluate(self.model, self.task, device=self.device)
         self.eval_metrics = {f"eval_{k}": float(v) for k, v in metrics.items()}
+        self.evaluated_at = self.step
         notify(Progress(self.step, self.tc.steps, dict(self.eval_metrics), "eval"))
 
     def result(self, status: str) -> TrainResult:
@@ -384,11 +389,15 @@ class _Run:
         )
         while self.step < total:
             if should_stop is not None and should_stop():
-                self.save(notify)
+                if self.saved_at != self.step:
+                    self.save(notify)
                 return self.result("stopped")
             if self.tc.max_seconds is not None and self.elapsed() >= self.tc.max_seconds:
-                self.evaluate(notify)
-                self.save(notify)
+                fresh = self.evaluated_at != self.step  # the step's regular one may have run
+                if fresh:
+                    self.evaluate(notify)
+                if fresh or self.saved_at != self.step:  # the checkpoint has the metrics
+                    self.save(notify)
                 return self.result("timeout")
             metrics = self.train_step()
             notify(Progress(self.step, total, metrics, "train"))

@@ -175,6 +175,36 @@ def test_max_seconds_times_out_with_checkpoint_and_metrics(tmp_path: Path) -> No
     assert result.checkpoint == CheckpointStore(tmp_path).latest()
 
 
+@pytest.mark.parametrize("stop", ["timeout", "stopped"])
+def test_an_exit_right_after_an_eval_step_does_not_repeat_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """The time limit (or a stop) reached just after step 6's evaluation and checkpoint: neither
+    is done a second time at step 6 (the metrics store refused the twin eval point)."""
+    from kru_core import training
+
+    if stop == "timeout":
+        monkeypatch.setattr(training._Run, "elapsed", lambda self: 1e9 * (self.step >= 6))
+    seen: list[tuple[str, int]] = []
+    evals: list[dict[str, float]] = []
+
+    def on_progress(p: Progress) -> None:
+        seen.append((p.kind, p.step))
+        if p.kind == "eval":
+            evals.append(p.metrics)
+
+    result = train(
+        tiny(steps=100, max_seconds=60.0),
+        out_dir=tmp_path,
+        on_progress=on_progress,
+        should_stop=(lambda: seen[-1:] == [("checkpoint", 6)]) if stop == "stopped" else None,
+    )
+    assert result.status == stop and result.step == 6
+    assert seen.count(("eval", 6)) == 1 and seen.count(("checkpoint", 6)) == 1, seen
+    assert result.checkpoint == CheckpointStore(tmp_path).latest() == tmp_path / "step-000000006"
+    assert result.metrics == evals[-1] and "eval_accuracy" in result.metrics
+
+
 def spoil_loss_at_call(
     monkeypatch: pytest.MonkeyPatch, call: int, spoil: Callable[[torch.Tensor], torch.Tensor]
 ) -> None:
