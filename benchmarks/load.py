@@ -13,7 +13,7 @@ little and the same for both servers). Measured:
 2. **Sessions**: 32 concurrent sessions, each streaming 100-step sequences in 10-step chunks
    (``POST /v1/sessions/{id}/predict``); chunks/s, p50, p99.
 3. **10 chunks vs one predict**: one client; a sequence streamed in 10 chunks (a session) vs one
-   predict of the whole sequence, median over sequences, for 100 and 2,000 steps.
+   predict of the whole sequence, median over sequences, for 100, 2,000 and 10,000 steps.
 
 Targets (issue 13): at 32 clients predict throughput >= 0.8x the echo's and p99 <= 1.5x the
 echo's; at 1 client p50 within 1.3x; 10 chunks <= 1.5x one predict.
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     api_port, model_id, (sequence * (n // 100))[:n], repeats=args.repeats
                 )
             )
-            for n in (100, 2000)
+            for n in (100, 2000, 10_000)
         }
 
     print(f"\nPredict (one {len(sequence)}-step copy sequence, KRU hidden 128, CPU) vs the echo "

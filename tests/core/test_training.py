@@ -180,7 +180,8 @@ def test_an_exit_right_after_an_eval_step_does_not_repeat_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
 ) -> None:
     """The time limit (or a stop) reached just after step 6's evaluation and checkpoint: neither
-    is done a second time at step 6 (the metrics store refused the twin eval point)."""
+    is done a second time at step 6 (a fault test found such a twin eval point in a job's
+    metrics)."""
     from kru_core import training
 
     if stop == "timeout":

@@ -406,12 +406,19 @@ LIVE_S = 30
 
 def _skewed(env: dict[str, str], offset_s: int) -> dict[str, str]:
     """``env`` for a process whose wall clock is ``offset_s`` seconds off (its monotonic clock is
-    left alone)."""
+    left alone).
+
+    ``FAKETIME_FORCE_MONOTONIC_FIX=0``: libfaketime 0.9.10's default tracks the clock of every
+    condition variable in a table that its ``pthread_cond_timedwait`` wrapper updates without a
+    lock; a worker whose watchdog thread waits while the main thread imports torch crashed with
+    SIGSEGV in 4 of 6 starts here (and 0 of 16 with the fix off; the waits keep their lengths,
+    since monotonic time is not faked)."""
     return {
         **env,
         "LD_PRELOAD": str(LIBFAKETIME),
         "FAKETIME": f"{offset_s:+d}",
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_FORCE_MONOTONIC_FIX": "0",
     }
 
 
