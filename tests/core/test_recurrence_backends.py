@@ -93,6 +93,7 @@ CASES = [
     ([(2, 2), (2, 2)], 300, 2),  # long T
     ([(2, 2)] * 4, 6, 21),  # 2x2 butterflies over 8-row tiles, the last one partial
     ([(2, 2), (3, 3), (2, 2), (2, 2)], 4, 9),  # 2x2 pairs around an odd factor, 8-row tiles
+    ([(2, 2)] * 5, 3, 12),  # two paired 2x2 passes and a single one, a partial tile
 ]
 
 

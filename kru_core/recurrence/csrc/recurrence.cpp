@@ -267,6 +267,160 @@ inline void adjoint2(const Factor& f, const T* wr, const T* wi, const T* __restr
 
 inline bool is2x2(const Factor& f) { return f.P == 2 && f.Q == 2; }
 
+// Two consecutive 2x2 factors k (A) and k + 1 (B) of a complex tile in one pass (a radix-4
+// butterfly): the state is laid out (R_k, 2, 2, S_{k+1} L) and each group of four numbers is
+// read once, multiplied by A on the first axis and by B on the second in registers, and
+// written once; two radix-2 passes read and write it twice. The passes were bound by their
+// loads and stores: pairing them made the forward's factor passes and the backward's
+// recomputation and adjoint cheaper (docs/benchmarks.md). y may be x (in place).
+template <typename T, int L>
+inline void apply4(const Factor& fa, const T* war, const T* wai, const T* wbr, const T* wbi,
+                   const T* xr, const T* xi, T* yr, T* yi) {
+  const int64_t SL = fa.S / 2 * L;  // the second factor's S times L
+  const T a0r = war[0], a1r = war[1], a2r = war[2], a3r = war[3];
+  const T a0i = wai[0], a1i = wai[1], a2i = wai[2], a3i = wai[3];
+  const T b0r = wbr[0], b1r = wbr[1], b2r = wbr[2], b3r = wbr[3];
+  const T b0i = wbi[0], b1i = wbi[1], b2i = wbi[2], b3i = wbi[3];
+  for (int64_t r = 0; r < fa.R; ++r) {
+    const int64_t o = 4 * r * SL;
+    const T *x00r = xr + o, *x01r = x00r + SL, *x10r = x01r + SL, *x11r = x10r + SL;
+    const T *x00i = xi + o, *x01i = x00i + SL, *x10i = x01i + SL, *x11i = x10i + SL;
+    T *y00r = yr + o, *y01r = y00r + SL, *y10r = y01r + SL, *y11r = y10r + SL;
+    T *y00i = yi + o, *y01i = y00i + SL, *y10i = y01i + SL, *y11i = y10i + SL;
+#pragma omp simd
+    for (int64_t s = 0; s < SL; ++s) {
+      // m = A on the first axis (for each b)
+      const T p0r = x00r[s], p0i = x00i[s], q0r = x10r[s], q0i = x10i[s];  // b = 0
+      const T p1r = x01r[s], p1i = x01i[s], q1r = x11r[s], q1i = x11i[s];  // b = 1
+      const T m00r = a0r * p0r - a0i * p0i + a1r * q0r - a1i * q0i;
+      const T m00i = a0r * p0i + a0i * p0r + a1r * q0i + a1i * q0r;
+      const T m10r = a2r * p0r - a2i * p0i + a3r * q0r - a3i * q0i;
+      const T m10i = a2r * p0i + a2i * p0r + a3r * q0i + a3i * q0r;
+      const T m01r = a0r * p1r - a0i * p1i + a1r * q1r - a1i * q1i;
+      const T m01i = a0r * p1i + a0i * p1r + a1r * q1i + a1i * q1r;
+      const T m11r = a2r * p1r - a2i * p1i + a3r * q1r - a3i * q1i;
+      const T m11i = a2r * p1i + a2i * p1r + a3r * q1i + a3i * q1r;
+      // y = B on the second axis (for each a)
+      y00r[s] = b0r * m00r - b0i * m00i + b1r * m01r - b1i * m01i;
+      y00i[s] = b0r * m00i + b0i * m00r + b1r * m01i + b1i * m01r;
+      y01r[s] = b2r * m00r - b2i * m00i + b3r * m01r - b3i * m01i;
+      y01i[s] = b2r * m00i + b2i * m00r + b3r * m01i + b3i * m01r;
+      y10r[s] = b0r * m10r - b0i * m10i + b1r * m11r - b1i * m11i;
+      y10i[s] = b0r * m10i + b0i * m10r + b1r * m11i + b1i * m11r;
+      y11r[s] = b2r * m10r - b2i * m10i + b3r * m11r - b3i * m11i;
+      y11i[s] = b2r * m10i + b2i * m10r + b3r * m11i + b3i * m11r;
+    }
+  }
+}
+
+// gacc[e] += g conj(x) per lane for the four entries of a 2x2 factor (layout of adjoint2's
+// gacc: entry e = p * 2 + q, real part at e * L + l, imaginary part at (4 + e) * L + l).
+template <typename T>
+inline void acc_outer(T* acc, int64_t L, int64_t l, T g0r, T g0i, T g1r, T g1i, T x0r, T x0i,
+                      T x1r, T x1i) {
+  acc[0 * L + l] += g0r * x0r + g0i * x0i;
+  acc[4 * L + l] += g0i * x0r - g0r * x0i;
+  acc[1 * L + l] += g0r * x1r + g0i * x1i;
+  acc[5 * L + l] += g0i * x1r - g0r * x1i;
+  acc[2 * L + l] += g1r * x0r + g1i * x0i;
+  acc[6 * L + l] += g1i * x0r - g1r * x0i;
+  acc[3 * L + l] += g1r * x1r + g1i * x1i;
+  acc[7 * L + l] += g1i * x1r - g1r * x1i;
+}
+
+// The adjoint of apply4: gx = A^H B^H gy on the two axes (gx may be gy, in place), the
+// intermediate m = A x recomputed in registers; when NW, both factors' gradients (B's from gy
+// and m, A's from A^H-free gm = B^H gy and x) accumulated per lane into gacc_a and gacc_b.
+template <typename T, int L, bool NW>
+inline void adjoint4(const Factor& fa, const T* war, const T* wai, const T* wbr, const T* wbi,
+                     const T* __restrict xr, const T* __restrict xi, const T* gyr, const T* gyi,
+                     T* __restrict gacc_a, T* __restrict gacc_b, T* gxr, T* gxi) {
+  const int64_t S = fa.S / 2, SL = S * L;
+  const T a0r = war[0], a1r = war[1], a2r = war[2], a3r = war[3];
+  const T a0i = wai[0], a1i = wai[1], a2i = wai[2], a3i = wai[3];
+  const T b0r = wbr[0], b1r = wbr[1], b2r = wbr[2], b3r = wbr[3];
+  const T b0i = wbi[0], b1i = wbi[1], b2i = wbi[2], b3i = wbi[3];
+  T acc_a[8 * L], acc_b[8 * L];
+  for (int j = 0; j < 8 * L; ++j) acc_a[j] = acc_b[j] = T(0);
+  for (int64_t r = 0; r < fa.R; ++r) {
+    for (int64_t sb = 0; sb < S; ++sb) {
+      const int64_t o = 4 * r * SL + sb * L;
+      const T *x00r = xr + o, *x01r = x00r + SL, *x10r = x01r + SL, *x11r = x10r + SL;
+      const T *x00i = xi + o, *x01i = x00i + SL, *x10i = x01i + SL, *x11i = x10i + SL;
+      const T *g00r = gyr + o, *g01r = g00r + SL, *g10r = g01r + SL, *g11r = g10r + SL;
+      const T *g00i = gyi + o, *g01i = g00i + SL, *g10i = g01i + SL, *g11i = g10i + SL;
+      T *h00r = gxr + o, *h01r = h00r + SL, *h10r = h01r + SL, *h11r = h10r + SL;
+      T *h00i = gxi + o, *h01i = h00i + SL, *h10i = h01i + SL, *h11i = h10i + SL;
+      // First B's half (m = A x recomputed, B's gradient, gm = B^H gy written over gy), then A's
+      // (A's gradient from gm and x, gx = A^H gm): two lane loops, so that each keeps only
+      // its own factor's eight accumulators in registers.
+#pragma omp simd
+      for (int l = 0; l < L; ++l) {
+        const T p0r = x00r[l], p0i = x00i[l], q0r = x10r[l], q0i = x10i[l];
+        const T p1r = x01r[l], p1i = x01i[l], q1r = x11r[l], q1i = x11i[l];
+        const T e0r = g00r[l], e0i = g00i[l], e1r = g01r[l], e1i = g01i[l];  // a = 0
+        const T f0r = g10r[l], f0i = g10i[l], f1r = g11r[l], f1i = g11i[l];  // a = 1
+        if (NW) {
+          // m = A x on the first axis (the second factor's input)
+          const T m00r = a0r * p0r - a0i * p0i + a1r * q0r - a1i * q0i;
+          const T m00i = a0r * p0i + a0i * p0r + a1r * q0i + a1i * q0r;
+          const T m10r = a2r * p0r - a2i * p0i + a3r * q0r - a3i * q0i;
+          const T m10i = a2r * p0i + a2i * p0r + a3r * q0i + a3i * q0r;
+          const T m01r = a0r * p1r - a0i * p1i + a1r * q1r - a1i * q1i;
+          const T m01i = a0r * p1i + a0i * p1r + a1r * q1i + a1i * q1r;
+          const T m11r = a2r * p1r - a2i * p1i + a3r * q1r - a3i * q1i;
+          const T m11i = a2r * p1i + a2i * p1r + a3r * q1i + a3i * q1r;
+          // B's gradient: gy_(a, p) conj(m_(a, q)), summed over a
+          acc_outer(acc_b, L, l, e0r, e0i, e1r, e1i, m00r, m00i, m01r, m01i);
+          acc_outer(acc_b, L, l, f0r, f0i, f1r, f1i, m10r, m10i, m11r, m11i);
+        }
+        // gm = B^H gy on the second axis, for a = 0 (from e) and a = 1 (from f)
+        h00r[l] = b0r * e0r + b0i * e0i + b2r * e1r + b2i * e1i;
+        h00i[l] = b0r * e0i - b0i * e0r + b2r * e1i - b2i * e1r;
+        h01r[l] = b1r * e0r + b1i * e0i + b3r * e1r + b3i * e1i;
+        h01i[l] = b1r * e0i - b1i * e0r + b3r * e1i - b3i * e1r;
+        h10r[l] = b0r * f0r + b0i * f0i + b2r * f1r + b2i * f1i;
+        h10i[l] = b0r * f0i - b0i * f0r + b2r * f1i - b2i * f1r;
+        h11r[l] = b1r * f0r + b1i * f0i + b3r * f1r + b3i * f1i;
+        h11i[l] = b1r * f0i - b1i * f0r + b3r * f1i - b3i * f1r;
+      }
+#pragma omp simd
+      for (int l = 0; l < L; ++l) {
+        const T p0r = x00r[l], p0i = x00i[l], q0r = x10r[l], q0i = x10i[l];
+        const T p1r = x01r[l], p1i = x01i[l], q1r = x11r[l], q1i = x11i[l];
+        const T u0r = h00r[l], u0i = h00i[l], u1r = h01r[l], u1i = h01i[l];  // gm, a = 0
+        const T v0r = h10r[l], v0i = h10i[l], v1r = h11r[l], v1i = h11i[l];  // gm, a = 1
+        if (NW) {
+          // A's gradient: gm_(p, b) conj(x_(q, b)), summed over b
+          acc_outer(acc_a, L, l, u0r, u0i, v0r, v0i, p0r, p0i, q0r, q0i);
+          acc_outer(acc_a, L, l, u1r, u1i, v1r, v1i, p1r, p1i, q1r, q1i);
+        }
+        // gx = A^H gm on the first axis, for b = 0 (u0, v0) and b = 1 (u1, v1)
+        h00r[l] = a0r * u0r + a0i * u0i + a2r * v0r + a2i * v0i;
+        h00i[l] = a0r * u0i - a0i * u0r + a2r * v0i - a2i * v0r;
+        h10r[l] = a1r * u0r + a1i * u0i + a3r * v0r + a3i * v0i;
+        h10i[l] = a1r * u0i - a1i * u0r + a3r * v0i - a3i * v0r;
+        h01r[l] = a0r * u1r + a0i * u1i + a2r * v1r + a2i * v1i;
+        h01i[l] = a0r * u1i - a0i * u1r + a2r * v1i - a2i * v1r;
+        h11r[l] = a1r * u1r + a1i * u1i + a3r * v1r + a3i * v1i;
+        h11i[l] = a1r * u1i - a1i * u1r + a3r * v1i - a3i * v1r;
+      }
+    }
+  }
+  if (NW)
+    for (int j = 0; j < 8 * L; ++j) {
+      gacc_a[j] += acc_a[j];
+      gacc_b[j] += acc_b[j];
+    }
+}
+
+// How many factors from k on one pass takes: 2 for two consecutive 2x2 factors of a complex
+// tile of several rows (apply4 / adjoint4), else 1.
+template <bool C, int L>
+inline size_t pass_width(const std::vector<Factor>& f, size_t k) {
+  return (C && L > 1 && k + 1 < f.size() && is2x2(f[k]) && is2x2(f[k + 1])) ? 2 : 1;
+}
+
 // gW += gy x^H and gx = M^H gy for one tile (gW split, accumulated into lane 0 of the per-lane
 // layout of adjoint2; gx overwritten).
 template <typename T, bool C, int L>
@@ -393,16 +547,18 @@ inline void load(const T* src, int64_t n, int64_t nb, T* re, T* im, int64_t rs =
   if (rs < 0) rs = n * E;
   int64_t done = 0;  // numbers of each row handled by the blocked path
 #ifdef KRU_VECTOR_TRANSPOSE
-  if constexpr (L == 8) {
+  if constexpr (L % 8 == 0) {
     using V = typename Vec8<T>::type;
     if (nb == L) {
       for (; done + 8 <= n * E; done += 8) {
-        V r[8];
-        for (int l = 0; l < 8; ++l) r[l] = vload<V>(src + l * rs + done);
-        transpose8(r);
-        for (int c = 0; c < 8; ++c) {
-          T* dst = lanes<T, C, L>(re, im, done + c);
-          vstore(dst, mode == Into::ADD ? vload<V>(dst) + r[c] : r[c]);
+        for (int g = 0; g < L; g += 8) {  // rows g .. g + 7 -> lanes g .. g + 7
+          V r[8];
+          for (int l = 0; l < 8; ++l) r[l] = vload<V>(src + (g + l) * rs + done);
+          transpose8(r);
+          for (int c = 0; c < 8; ++c) {
+            T* dst = lanes<T, C, L>(re, im, done + c) + g;
+            vstore(dst, mode == Into::ADD ? vload<V>(dst) + r[c] : r[c]);
+          }
         }
       }
     }
@@ -431,15 +587,17 @@ inline void store(T* dst, int64_t n, int64_t nb, const T* re, const T* im) {
   const int64_t E = C ? 2 : 1;
   int64_t done = 0;
 #ifdef KRU_VECTOR_TRANSPOSE
-  if constexpr (L == 8) {
+  if constexpr (L % 8 == 0) {
     using V = typename Vec8<T>::type;
     if (nb == L) {
       for (; done + 8 <= n * E; done += 8) {
-        V r[8];
-        for (int c = 0; c < 8; ++c)
-          r[c] = vload<V>(lanes<T, C, L>(const_cast<T*>(re), const_cast<T*>(im), done + c));
-        transpose8(r);
-        for (int l = 0; l < 8; ++l) vstore(dst + l * n * E + done, r[l]);
+        for (int g = 0; g < L; g += 8) {  // lanes g .. g + 7 -> rows g .. g + 7
+          V r[8];
+          for (int c = 0; c < 8; ++c)
+            r[c] = vload<V>(lanes<T, C, L>(const_cast<T*>(re), const_cast<T*>(im), done + c) + g);
+          transpose8(r);
+          for (int l = 0; l < 8; ++l) vstore(dst + (g + l) * n * E + done, r[l]);
+        }
       }
     }
   }
@@ -609,18 +767,24 @@ inline void add_input(T* zr, T* zi, const T* u_t, int64_t n, int64_t nb) {
   }
 }
 
-// x_0 (in scratch) -> x_1 .. x_K (every factor's input kept); then z = x_K + u_t in x_K.
+// x_0 (in scratch) -> the input of every pass kept (x_k at the first factor k of each pass; a
+// paired pass skips x_{k+1}), x_K = W x_0; then z = x_K + u_t in x_K.
 template <typename T, bool C, int L>
 inline void forward_step(const std::vector<Factor>& f, const Mats<T>& m, Scratch<T>& sc,
                          const T* u_t, int64_t n, int64_t nb) {
   const size_t K = f.size();
-  for (size_t k = 0; k < K; ++k) {
+  for (size_t k = 0; k < K;) {
+    const size_t w = pass_width<C, L>(f, k);
     const T* wi = C ? m.im[k].data() : nullptr;
-    if (is2x2(f[k]))
+    if (w == 2)
+      apply4<T, L>(f[k], m.re[k].data(), wi, m.re[k + 1].data(), m.im[k + 1].data(), sc.xr[k],
+                   sc.xi[k], sc.xr[k + 2], sc.xi[k + 2]);
+    else if (is2x2(f[k]))
       apply2<T, C, L>(f[k], m.re[k].data(), wi, sc.xr[k], sc.xi[k], sc.xr[k + 1], sc.xi[k + 1]);
     else
       apply_factor<T, C, L>(f[k], m.re[k].data(), wi, sc.xr[k], sc.xi[k], sc.xr[k + 1],
                             sc.xi[k + 1]);
+    k += w;
   }
   add_input<T, C, L>(sc.xr[K], sc.xi[K], u_t, n, nb);
 }
@@ -651,9 +815,12 @@ void forward_impl(const at::Tensor& u, const at::Tensor& h0, const std::vector<a
         load<T, C, L>(hp + b * n * E, n, nb, sr, si);
         for (int64_t t = 0; t < steps; ++t) {
           const int64_t off = (t * batch + b) * n * E;
-          for (size_t k = 0; k < K; ++k) {
+          for (size_t k = 0; k < K; k += pass_width<C, L>(f, k)) {
             const T* wi = C ? m.im[k].data() : nullptr;
-            if (is2x2(f[k])) {
+            if (pass_width<C, L>(f, k) == 2) {
+              apply4<T, L>(f[k], m.re[k].data(), wi, m.re[k + 1].data(), m.im[k + 1].data(), sr,
+                           si, sr, si);
+            } else if (is2x2(f[k])) {
               apply2<T, C, L>(f[k], m.re[k].data(), wi, sr, si, sr, si);
             } else {
               apply_factor<T, C, L>(f[k], m.re[k].data(), wi, sr, si, tr, ti);
@@ -688,6 +855,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const at::Tens
   const int64_t wsize = woff[K];
   const int64_t per_chunk = wsize + n;
   std::vector<T> acc(static_cast<size_t>(chunks * per_chunk), T(0));
+  // the first factor of every pass (forward_step's passes), walked backwards by the adjoint
+  std::vector<size_t> passes;
+  for (size_t k = 0; k < K; k += pass_width<C, L>(f, k)) passes.push_back(k);
 
   auto grad_u = at::empty_like(u);
   auto grad_h0 = at::empty_like(h0);
@@ -709,8 +879,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const at::Tens
       for (int64_t tile = tiles * c / chunks; tile < tiles * (c + 1) / chunks; ++tile) {
         const int64_t b = tile * L, nb = std::min<int64_t>(L, batch - b);
         // Three gradient buffers: ih holds the running dL/dh_t from the future (zero after the
-        // last step), ig the step's dL/dh, it dL/dz and then the chain's gradients (2x2 in
-        // place, others ping-pong with ig).
+        // last step), then the step's dL/dh (grad_out[t] added in place); it dL/dz and then
+        // the chain's gradients (2x2 in place, others ping-pong with ig, the spare).
         int ih = 0, ig = 1, it = 2;
         std::fill(sc.gr[ih], sc.gr[ih] + n * L, T(0));
         if (C) std::fill(sc.gi[ih], sc.gi[ih] + n * L, T(0));
@@ -719,27 +889,31 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const at::Tens
           const T* prev = t > 0 ? op + ((t - 1) * batch + b) * n * E : hp + b * n * E;
           load<T, C, L>(prev, n, nb, sc.xr[0], sc.xi[0]);
           forward_step<T, C, L>(f, m, sc, up + off, n, nb);
-          // g = grad_out[t] + gh
-          T *ggr = sc.gr[ig], *ggi = sc.gi[ig];
-          const T *ghr = sc.gr[ih], *ghi = sc.gi[ih];
-          load<T, C, L>(gop + t * gst + b * gsb, n, nb, ggr, ggi, gsb);
-#pragma omp simd
-          for (int64_t i = 0; i < n * L; ++i) ggr[i] += ghr[i];
-          if (C) {
-#pragma omp simd
-            for (int64_t i = 0; i < n * L; ++i) ggi[i] += ghi[i];
-          }
+          // g = grad_out[t] + gh, added into gh's buffer (gh is not needed after this)
+          T *ggr = sc.gr[ih], *ggi = sc.gi[ih];
+          load<T, C, L, Into::ADD>(gop + t * gst + b * gsb, n, nb, ggr, ggi, gsb);
           activate_backward<T, C, L>(act, n, sc.xr[K], sc.xi[K], bias, ggr, ggi, sc.gr[it],
                                      sc.gi[it], gb);
           store<T, C, L>(gup + off, n, nb, sc.gr[it], sc.gi[it]);
           // back through the factors
           int cur = it, spare = ig;
-          for (size_t kk = K; kk-- > 0;) {
+          for (size_t pi = passes.size(); pi-- > 0;) {
+            const size_t kk = passes[pi];
             T* gwk = gw + woff[kk];
             T* gwki = C ? gwk + f[kk].P * f[kk].Q * L : nullptr;
             const T* wr = m.re[kk].data();
             const T* wi = C ? m.im[kk].data() : nullptr;
-            if (is2x2(f[kk]) && L > 1) {
+            if (pass_width<C, L>(f, kk) == 2) {
+              const T* wr2 = m.re[kk + 1].data();
+              const T* wi2 = m.im[kk + 1].data();
+              if (need_mats)
+                adjoint4<T, L, true>(f[kk], wr, wi, wr2, wi2, sc.xr[kk], sc.xi[kk], sc.gr[cur],
+                                     sc.gi[cur], gwk, gw + woff[kk + 1], sc.gr[cur], sc.gi[cur]);
+              else
+                adjoint4<T, L, false>(f[kk], wr, wi, wr2, wi2, sc.xr[kk], sc.xi[kk], sc.gr[cur],
+                                      sc.gi[cur], gwk, gw + woff[kk + 1], sc.gr[cur],
+                                      sc.gi[cur]);
+            } else if (is2x2(f[kk]) && L > 1) {
               if (need_mats)
                 adjoint2<T, C, L, true>(f[kk], wr, wi, sc.xr[kk], sc.xi[kk], sc.gr[cur],
                                         sc.gi[cur], gwk, sc.gr[cur], sc.gi[cur]);
