@@ -24,6 +24,9 @@ Parts (``--parts`` picks some; all but ``plans`` by default):
   ``app/routes/models.py``: ``Predictor.predict_async``, validation, micro-batching and the
   forward pass) for one 100-step sequence of 32 features on an N=128 KRU classifier, with the
   KRU backend ``eager`` (before issue 9) and ``auto``, in ms per request.
+* ``op`` (not in the default run): the ``cpu`` backend's operator called directly, forward and
+  backward at issue 9's two training shapes (``OP_SHAPES``), what the operator's own changes are
+  measured by (run it at each commit, or with builds alternated).
 * ``plans`` (not in the default run): the ``cpu`` backend's KRU under each execution strategy
   (``dense``, ``merged``, ``factored``) over the grid, the measurement behind its ``auto`` plan.
 
@@ -34,6 +37,7 @@ Usage::
     python benchmarks/recurrence.py --parts grid --sizes 512 --batches 32
     python benchmarks/recurrence.py --parts mnist predict
     python benchmarks/recurrence.py --parts plans --sizes 128 512 --batches 1 32
+    python benchmarks/recurrence.py --parts op --stat min --reps 15
 """
 
 from __future__ import annotations
@@ -350,12 +354,51 @@ def run_predict(args: argparse.Namespace, stat: Callable[[list[float]], float]) 
     )
 
 
+#: (N, B, T) of the ``op`` part: issue 9's two training regimes, the operator alone.
+OP_SHAPES = ((512, 32, 100), (512, 128, 50))
+
+
+def _op_timers(n: int, b: int, steps: int, gen: torch.Generator) -> dict[str, Callable[[], Any]]:
+    """The operator's forward and backward on random inputs of one ``OP_SHAPES`` shape."""
+    factors = n.bit_length() - 1  # n = 2**factors
+    mats = [torch.randn(2, 2, dtype=torch.complex64, generator=gen) * 0.7 for _ in range(factors)]
+    u = torch.randn(steps, b, n, dtype=torch.complex64, generator=gen)
+    h0 = torch.zeros(b, n, dtype=torch.complex64)
+    bias = torch.zeros(n)
+    grad = torch.randn(steps, b, n, dtype=torch.complex64, generator=gen)
+    out = torch.ops.kru.recurrence_forward(u, h0, mats, bias, 0)
+    return {
+        "fwd": lambda: torch.ops.kru.recurrence_forward(u, h0, mats, bias, 0),
+        "bwd": lambda: torch.ops.kru.recurrence_backward(grad, out, u, h0, mats, bias, 0, True),
+    }
+
+
+def run_op(args: argparse.Namespace, stat: Callable[[list[float]], float]) -> None:
+    """The ``cpu`` backend's operator called directly (``torch.ops.kru``): nine 2×2 factors at
+    N=512 (the library's default, complex64 modReLU), forward and backward (all gradients) of
+    whole sequences, µs per step; what the commits that change the operator are measured by."""
+    from kru_core.recurrence import cpu
+
+    if backend_status("cpu") is not None:
+        print(f"\nop: the cpu backend is not available ({backend_status('cpu')})")
+        return
+    cpu.build()
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for n, b, steps in OP_SHAPES:
+        fns = _op_timers(n, b, steps, gen)
+        res = interleaved(fns, reps=args.reps, warmup=args.warmup, stat=stat)
+        rows.append([f"N={n} B={b} T={steps}", *(f"{1e6 * res[m] / steps:.1f}" for m in fns)])
+    print(f"\nThe cpu operator alone (µs per step, {args.stat}):")
+    _print_table(["shape", "fwd", "bwd"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["regimes", "grid", "mnist", "predict", "plans"],
+        choices=["regimes", "grid", "mnist", "predict", "plans", "op"],
         default=["regimes", "grid", "mnist", "predict"],
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024])
@@ -393,6 +436,8 @@ def main() -> None:
         run_predict(args, stat)
     if "plans" in args.parts:
         run_plans(args, stat)
+    if "op" in args.parts:
+        run_op(args, stat)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@
 // of TILE rows (one row when the batch is small), each tile's state in a small scratch buffer
 // that stays in L1 across the factor passes (element-major: the lanes of a tile are the
 // innermost, contiguous index); tiles are split into one chunk per thread (at::parallel_for).
-// 2x2 factors (the default) run as in-place butterflies, other shapes as generic loops.
-// Complex numbers are held as separate real and imaginary arrays in the scratch (the inner
-// loops then vectorise); tensors are interleaved (re, im) as PyTorch stores them.
+// 2x2 factors (the default) run as in-place butterflies, two consecutive ones of a complex
+// tile in one radix-4 pass, other shapes as generic loops. Complex numbers are held as
+// separate real and imaginary arrays in the scratch (the inner loops then vectorise); tensors
+// are interleaved (re, im) as PyTorch stores them, and a full tile moves between the two
+// layouts by 8x8 transposes in registers.
 //
 // The backward is BPTT over the whole sequence. It saves nothing from the forward but the
 // states (the output): each step's factor inputs are recomputed from h_{t-1}, which costs one
