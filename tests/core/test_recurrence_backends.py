@@ -277,3 +277,95 @@ def test_cpu_library_name_changes_with_the_source_and_flags():
     name = cpu.library_name()
     assert name.startswith("kru_recurrence_") and len(name) == len("kru_recurrence_") + 16
     assert json.dumps(list(cpu.CFLAGS))  # flags are plain strings, part of the hash
+
+
+def test_every_runnable_level_has_its_own_library_and_the_generic_one_is_last():
+    levels = cpu.runnable_levels()
+    assert levels[-1] is None and cpu.CPU_LEVEL in levels
+    names = {cpu.library_name(level) for level in levels}
+    assert len(names) == len(levels)
+    assert cpu.library_name() == cpu.library_name(cpu.CPU_LEVEL)
+
+
+_LEVEL_SCRIPT = """
+import torch
+from kru_core.recurrence import backend_status, cpu
+from tests.core.test_recurrence_backends import CASES, _inputs, _run
+assert cpu.CPU_LEVEL is None and backend_status("cpu") is None, backend_status("cpu")
+assert cpu.build() == cpu.library_path(None)
+for shapes, steps, batch in CASES:
+    for activation, dtype in (("modrelu", torch.complex64), ("tanh", torch.float64)):
+        args = _inputs(shapes, dtype, steps, batch, activation)
+        out_e, grads_e = _run("eager", *args, activation)
+        out_c, grads_c = _run("cpu", *args, activation)
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(out_c, out_e, rtol=tol, atol=tol)
+        for gc, ge in zip(grads_c, grads_e):
+            scale = max(1.0, float(ge.abs().max()))
+            torch.testing.assert_close(gc / scale, ge / scale, rtol=tol, atol=tol)
+print("OK")
+"""
+
+
+def test_the_generic_build_equals_eager(tmp_path):
+    """``KRU_CPU_LEVEL=generic``: the build without AVX (what an image serves to a CPU below its
+    builder's level) runs the same operator: the vector-extension transposes lowered to SSE2."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine")
+    env = {**os.environ, "KRU_CPU_LEVEL": "generic", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEVEL_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("OK")
+
+
+def test_without_a_compiler_a_cached_lower_level_build_is_loaded(tmp_path):
+    """An image built on a machine of a lower level than the host's (only its builds cached, no
+    compiler): the host loads the best cached one, with one log line, instead of eager."""
+    if cpu.CPU_LEVEL is None:
+        pytest.skip("this CPU runs only the generic build")
+    generic = cpu.library_path(None)
+    if not generic.exists():
+        subprocess.run(
+            [sys.executable, "-m", "kru_core.recurrence.cpu", "--level", "generic"],
+            check=True,
+            capture_output=True,
+            cwd=REPO,
+            timeout=300,
+        )
+    ext = tmp_path / "ext"
+    shutil.copytree(generic.parent, ext / generic.parent.name)
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s %(message)s')\n"
+        "from kru_core import KRU\n"
+        "from kru_core.recurrence import backend_status, cpu\n"
+        "assert backend_status('cpu') is None, backend_status('cpu')\n"
+        "assert cpu.build() == cpu.library_path(None)\n"
+        "kru = KRU(2, 16, backend='cpu')\n"
+        "x = torch.randn(9, 4, 2)\n"
+        "a = kru(x)[0]\n"
+        "kru.backend = 'eager'\n"
+        "torch.testing.assert_close(a, kru(x)[0], rtol=1e-5, atol=1e-5)\n"
+        "print('OK')\n"
+    )
+    env = {
+        **os.environ,
+        "KRU_EXTENSION_DIR": str(ext),
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("KRU_CPU_LEVEL", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if "could not be compiled for" in ln]
+    assert len(lines) == 1 and lines[0].startswith("WARNING"), proc.stderr[-3000:]
