@@ -42,10 +42,10 @@ from worker.errors import Conflict, NotFound
 from worker.models import utcnow
 from worker.session_store import SessionRecord, SessionStore, Step
 from worker.session_store import TooManySessions as TooManySessions  # raised by create_session
+from worker.settings import MAX_SESSION_TTL_SECONDS
 
 #: Session rows an API process remembers after writing them.
 CACHE_SIZE = 4096
-MAX_TTL_SECONDS = 7 * 24 * 3600
 
 
 class PositionConflict(Conflict):
@@ -91,7 +91,7 @@ class SessionCreate(BaseModel):
     ttl_seconds: float | None = Field(
         None,
         gt=0,
-        le=MAX_TTL_SECONDS,
+        le=MAX_SESSION_TTL_SECONDS,
         allow_inf_nan=False,
         description="seconds the session lives idle; null: KRU_SESSION_TTL",
     )

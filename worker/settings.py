@@ -22,6 +22,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kru_core.config import check_device_name
 
+#: The longest a streaming session may live idle (its own ``ttl_seconds`` and the default).
+MAX_SESSION_TTL_SECONDS = 7 * 24 * 3600
+
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 SESSION_STORE_SCHEMES = ("redis", "rediss")
 BROKER_SCHEMES = ("sqla+sqlite", "sqla+postgresql", "sqla+postgresql+psycopg", "redis", "rediss")
@@ -124,7 +127,7 @@ class Settings(BaseSettings):
     batch_queue_size: int = Field(256, ge=1)
     predict_timeout: float = Field(30.0, gt=0)
     max_sessions: int = Field(10_000, ge=1)
-    session_ttl: float = Field(600.0, gt=0, le=7 * 24 * 3600)
+    session_ttl: float = Field(600.0, gt=0, le=MAX_SESSION_TTL_SECONDS)
 
     device: str = "auto"
     max_steps_per_job: int = Field(1_000_000, ge=1)
