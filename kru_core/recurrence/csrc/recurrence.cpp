@@ -163,15 +163,59 @@ inline std::pair<P*, P*> rows2(P* base, int64_t o, int64_t SL) {
   return {base + o, base + o + SL};
 }
 
+// A complex 2x2 factor's entries, split (entry e = p * 2 + q), and its two products on one
+// pair of numbers: y = M x, and h = M^H g (the adjoint). Every butterfly below is built from
+// these two.
+template <typename T>
+struct Cx2 {
+  T r[4], i[4];
+  Cx2(const T* wr, const T* wi) {
+    for (int e = 0; e < 4; ++e) {
+      r[e] = wr[e];
+      i[e] = wi ? wi[e] : T(0);
+    }
+  }
+};
+
+template <typename T>
+inline void mul(const Cx2<T>& m, T pr, T pi, T qr, T qi, T& y0r, T& y0i, T& y1r, T& y1i) {
+  y0r = m.r[0] * pr - m.i[0] * pi + m.r[1] * qr - m.i[1] * qi;
+  y0i = m.r[0] * pi + m.i[0] * pr + m.r[1] * qi + m.i[1] * qr;
+  y1r = m.r[2] * pr - m.i[2] * pi + m.r[3] * qr - m.i[3] * qi;
+  y1i = m.r[2] * pi + m.i[2] * pr + m.r[3] * qi + m.i[3] * qr;
+}
+
+template <typename T>
+inline void mul_adjoint(const Cx2<T>& m, T er, T ei, T fr, T fi, T& h0r, T& h0i, T& h1r, T& h1i) {
+  h0r = m.r[0] * er + m.i[0] * ei + m.r[2] * fr + m.i[2] * fi;
+  h0i = m.r[0] * ei - m.i[0] * er + m.r[2] * fi - m.i[2] * fr;
+  h1r = m.r[1] * er + m.i[1] * ei + m.r[3] * fr + m.i[3] * fi;
+  h1i = m.r[1] * ei - m.i[1] * er + m.r[3] * fi - m.i[3] * fr;
+}
+
+// gacc[e] += g conj(x) per lane for the four entries of a 2x2 factor (layout of adjoint2's
+// gacc: entry e = p * 2 + q, real part at e * L + l, imaginary part at (4 + e) * L + l).
+template <typename T>
+inline void acc_outer(T* acc, int64_t L, int64_t l, T g0r, T g0i, T g1r, T g1i, T x0r, T x0i,
+                      T x1r, T x1i) {
+  acc[0 * L + l] += g0r * x0r + g0i * x0i;
+  acc[4 * L + l] += g0i * x0r - g0r * x0i;
+  acc[1 * L + l] += g0r * x1r + g0i * x1i;
+  acc[5 * L + l] += g0i * x1r - g0r * x1i;
+  acc[2 * L + l] += g1r * x0r + g1i * x0i;
+  acc[6 * L + l] += g1i * x0r - g1r * x0i;
+  acc[3 * L + l] += g1r * x1r + g1i * x1i;
+  acc[7 * L + l] += g1i * x1r - g1r * x1i;
+}
+
 // y = M_k x for a 2x2 factor, as butterflies: each output pair reads its input pair once.
 // y may be x (in place: every iteration reads and writes only its own index s).
 template <typename T, bool C, int L>
 inline void apply2(const Factor& f, const T* wr, const T* wi, const T* xr, const T* xi, T* yr,
                    T* yi) {
   const int64_t SL = f.S * L;
+  const Cx2<T> m(wr, C ? wi : nullptr);
   const T ar = wr[0], br = wr[1], cr = wr[2], dr = wr[3];
-  const T ai = C ? wi[0] : T(0), bi = C ? wi[1] : T(0), ci = C ? wi[2] : T(0),
-          di = C ? wi[3] : T(0);
   for (int64_t r = 0; r < f.R; ++r) {
     const int64_t o = 2 * r * SL;
     const auto [x0r, x1r] = rows2(xr, o, SL);
@@ -180,13 +224,8 @@ inline void apply2(const Factor& f, const T* wr, const T* wi, const T* xr, const
       const auto [x0i, x1i] = rows2(xi, o, SL);
       const auto [y0i, y1i] = rows2(yi, o, SL);
 #pragma omp simd
-      for (int64_t s = 0; s < SL; ++s) {
-        const T p = x0r[s], q = x0i[s], v = x1r[s], w = x1i[s];
-        y0r[s] = ar * p - ai * q + br * v - bi * w;
-        y0i[s] = ar * q + ai * p + br * w + bi * v;
-        y1r[s] = cr * p - ci * q + dr * v - di * w;
-        y1i[s] = cr * q + ci * p + dr * w + di * v;
-      }
+      for (int64_t s = 0; s < SL; ++s)
+        mul(m, x0r[s], x0i[s], x1r[s], x1i[s], y0r[s], y0i[s], y1r[s], y1i[s]);
     } else {
 #pragma omp simd
       for (int64_t s = 0; s < SL; ++s) {
@@ -206,12 +245,10 @@ inline void adjoint2(const Factor& f, const T* wr, const T* wi, const T* __restr
                      const T* __restrict xi, const T* gyr, const T* gyi, T* __restrict gacc,
                      T* gxr, T* gxi) {
   const int64_t S = f.S, SL = S * L;
+  const Cx2<T> m(wr, C ? wi : nullptr);
   const T ar = wr[0], br = wr[1], cr = wr[2], dr = wr[3];
-  const T ai = C ? wi[0] : T(0), bi = C ? wi[1] : T(0), ci = C ? wi[2] : T(0),
-          di = C ? wi[3] : T(0);
-  T acc[8][L];
-  for (int j = 0; j < 8; ++j)
-    for (int l = 0; l < L; ++l) acc[j][l] = T(0);
+  T acc[8 * L];  // gacc's layout
+  for (int j = 0; j < 8 * L; ++j) acc[j] = T(0);
   for (int64_t r = 0; r < f.R; ++r) {
     for (int64_t sb = 0; sb < S; ++sb) {
       const int64_t o = 2 * r * SL + sb * L;
@@ -224,32 +261,19 @@ inline void adjoint2(const Factor& f, const T* wr, const T* wi, const T* __restr
         const auto [h0i, h1i] = rows2(gxi, o, SL);
 #pragma omp simd
         for (int l = 0; l < L; ++l) {
-          const T p = x0r[l], q = x0i[l], v = x1r[l], w = x1i[l];
           const T er = g0r[l], ei = g0i[l], fr = g1r[l], fi = g1i[l];
-          if (NW) {
-            acc[0][l] += er * p + ei * q;
-            acc[1][l] += ei * p - er * q;
-            acc[2][l] += er * v + ei * w;
-            acc[3][l] += ei * v - er * w;
-            acc[4][l] += fr * p + fi * q;
-            acc[5][l] += fi * p - fr * q;
-            acc[6][l] += fr * v + fi * w;
-            acc[7][l] += fi * v - fr * w;
-          }
-          h0r[l] = ar * er + ai * ei + cr * fr + ci * fi;
-          h0i[l] = ar * ei - ai * er + cr * fi - ci * fr;
-          h1r[l] = br * er + bi * ei + dr * fr + di * fi;
-          h1i[l] = br * ei - bi * er + dr * fi - di * fr;
+          if (NW) acc_outer(acc, L, l, er, ei, fr, fi, x0r[l], x0i[l], x1r[l], x1i[l]);
+          mul_adjoint(m, er, ei, fr, fi, h0r[l], h0i[l], h1r[l], h1i[l]);
         }
       } else {
 #pragma omp simd
         for (int l = 0; l < L; ++l) {
           const T p = x0r[l], v = x1r[l], er = g0r[l], fr = g1r[l];
           if (NW) {
-            acc[0][l] += er * p;
-            acc[2][l] += er * v;
-            acc[4][l] += fr * p;
-            acc[6][l] += fr * v;
+            acc[0 * L + l] += er * p;
+            acc[1 * L + l] += er * v;
+            acc[2 * L + l] += fr * p;
+            acc[3 * L + l] += fr * v;
           }
           h0r[l] = ar * er + cr * fr;
           h1r[l] = br * er + dr * fr;
@@ -257,14 +281,8 @@ inline void adjoint2(const Factor& f, const T* wr, const T* wi, const T* __restr
       }
     }
   }
-  if (NW) {
-    // gacc: entry e = p * 2 + q, real part at e * L + l, imaginary part at (4 + e) * L + l.
-    for (int e = 0; e < 4; ++e)
-      for (int l = 0; l < L; ++l) {
-        gacc[e * L + l] += acc[2 * e][l];
-        if (C) gacc[(4 + e) * L + l] += acc[2 * e + 1][l];
-      }
-  }
+  if (NW)
+    for (int j = 0; j < (C ? 8 : 4) * L; ++j) gacc[j] += acc[j];
 }
 
 inline bool is2x2(const Factor& f) { return f.P == 2 && f.Q == 2; }
@@ -279,10 +297,7 @@ template <typename T, int L>
 inline void apply4(const Factor& fa, const T* war, const T* wai, const T* wbr, const T* wbi,
                    const T* xr, const T* xi, T* yr, T* yi) {
   const int64_t SL = fa.S / 2 * L;  // the second factor's S times L
-  const T a0r = war[0], a1r = war[1], a2r = war[2], a3r = war[3];
-  const T a0i = wai[0], a1i = wai[1], a2i = wai[2], a3i = wai[3];
-  const T b0r = wbr[0], b1r = wbr[1], b2r = wbr[2], b3r = wbr[3];
-  const T b0i = wbi[0], b1i = wbi[1], b2i = wbi[2], b3i = wbi[3];
+  const Cx2<T> a(war, wai), b(wbr, wbi);
   for (int64_t r = 0; r < fa.R; ++r) {
     const int64_t o = 4 * r * SL;
     const T *x00r = xr + o, *x01r = x00r + SL, *x10r = x01r + SL, *x11r = x10r + SL;
@@ -291,44 +306,16 @@ inline void apply4(const Factor& fa, const T* war, const T* wai, const T* wbr, c
     T *y00i = yi + o, *y01i = y00i + SL, *y10i = y01i + SL, *y11i = y10i + SL;
 #pragma omp simd
     for (int64_t s = 0; s < SL; ++s) {
-      // m = A on the first axis (for each b)
-      const T p0r = x00r[s], p0i = x00i[s], q0r = x10r[s], q0i = x10i[s];  // b = 0
-      const T p1r = x01r[s], p1i = x01i[s], q1r = x11r[s], q1i = x11i[s];  // b = 1
-      const T m00r = a0r * p0r - a0i * p0i + a1r * q0r - a1i * q0i;
-      const T m00i = a0r * p0i + a0i * p0r + a1r * q0i + a1i * q0r;
-      const T m10r = a2r * p0r - a2i * p0i + a3r * q0r - a3i * q0i;
-      const T m10i = a2r * p0i + a2i * p0r + a3r * q0i + a3i * q0r;
-      const T m01r = a0r * p1r - a0i * p1i + a1r * q1r - a1i * q1i;
-      const T m01i = a0r * p1i + a0i * p1r + a1r * q1i + a1i * q1r;
-      const T m11r = a2r * p1r - a2i * p1i + a3r * q1r - a3i * q1i;
-      const T m11i = a2r * p1i + a2i * p1r + a3r * q1i + a3i * q1r;
-      // y = B on the second axis (for each a)
-      y00r[s] = b0r * m00r - b0i * m00i + b1r * m01r - b1i * m01i;
-      y00i[s] = b0r * m00i + b0i * m00r + b1r * m01i + b1i * m01r;
-      y01r[s] = b2r * m00r - b2i * m00i + b3r * m01r - b3i * m01i;
-      y01i[s] = b2r * m00i + b2i * m00r + b3r * m01i + b3i * m01r;
-      y10r[s] = b0r * m10r - b0i * m10i + b1r * m11r - b1i * m11i;
-      y10i[s] = b0r * m10i + b0i * m10r + b1r * m11i + b1i * m11r;
-      y11r[s] = b2r * m10r - b2i * m10i + b3r * m11r - b3i * m11i;
-      y11i[s] = b2r * m10i + b2i * m10r + b3r * m11i + b3i * m11r;
+      // m = A on the first axis (for each b), then y = B on the second (for each a)
+      T m00r, m00i, m10r, m10i, m01r, m01i, m11r, m11i;
+      mul(a, x00r[s], x00i[s], x10r[s], x10i[s], m00r, m00i, m10r, m10i);
+      mul(a, x01r[s], x01i[s], x11r[s], x11i[s], m01r, m01i, m11r, m11i);
+      mul(b, m00r, m00i, m01r, m01i, y00r[s], y00i[s], y01r[s], y01i[s]);
+      mul(b, m10r, m10i, m11r, m11i, y10r[s], y10i[s], y11r[s], y11i[s]);
     }
   }
 }
 
-// gacc[e] += g conj(x) per lane for the four entries of a 2x2 factor (layout of adjoint2's
-// gacc: entry e = p * 2 + q, real part at e * L + l, imaginary part at (4 + e) * L + l).
-template <typename T>
-inline void acc_outer(T* acc, int64_t L, int64_t l, T g0r, T g0i, T g1r, T g1i, T x0r, T x0i,
-                      T x1r, T x1i) {
-  acc[0 * L + l] += g0r * x0r + g0i * x0i;
-  acc[4 * L + l] += g0i * x0r - g0r * x0i;
-  acc[1 * L + l] += g0r * x1r + g0i * x1i;
-  acc[5 * L + l] += g0i * x1r - g0r * x1i;
-  acc[2 * L + l] += g1r * x0r + g1i * x0i;
-  acc[6 * L + l] += g1i * x0r - g1r * x0i;
-  acc[3 * L + l] += g1r * x1r + g1i * x1i;
-  acc[7 * L + l] += g1i * x1r - g1r * x1i;
-}
 
 // The adjoint of apply4: gx = A^H B^H gy on the two axes (gx may be gy, in place), the
 // intermediate m = A x recomputed in registers; when NW, both factors' gradients (B's from gy
@@ -338,10 +325,7 @@ inline void adjoint4(const Factor& fa, const T* war, const T* wai, const T* wbr,
                      const T* __restrict xr, const T* __restrict xi, const T* gyr, const T* gyi,
                      T* __restrict gacc_a, T* __restrict gacc_b, T* gxr, T* gxi) {
   const int64_t S = fa.S / 2, SL = S * L;
-  const T a0r = war[0], a1r = war[1], a2r = war[2], a3r = war[3];
-  const T a0i = wai[0], a1i = wai[1], a2i = wai[2], a3i = wai[3];
-  const T b0r = wbr[0], b1r = wbr[1], b2r = wbr[2], b3r = wbr[3];
-  const T b0i = wbi[0], b1i = wbi[1], b2i = wbi[2], b3i = wbi[3];
+  const Cx2<T> a(war, wai), b(wbr, wbi);
   T acc_a[8 * L], acc_b[8 * L];
   for (int j = 0; j < 8 * L; ++j) acc_a[j] = acc_b[j] = T(0);
   for (int64_t r = 0; r < fa.R; ++r) {
@@ -358,54 +342,33 @@ inline void adjoint4(const Factor& fa, const T* war, const T* wai, const T* wbr,
       // its own factor's eight accumulators in registers.
 #pragma omp simd
       for (int l = 0; l < L; ++l) {
-        const T p0r = x00r[l], p0i = x00i[l], q0r = x10r[l], q0i = x10i[l];
-        const T p1r = x01r[l], p1i = x01i[l], q1r = x11r[l], q1i = x11i[l];
         const T e0r = g00r[l], e0i = g00i[l], e1r = g01r[l], e1i = g01i[l];  // a = 0
         const T f0r = g10r[l], f0i = g10i[l], f1r = g11r[l], f1i = g11i[l];  // a = 1
         if (NW) {
           // m = A x on the first axis (the second factor's input)
-          const T m00r = a0r * p0r - a0i * p0i + a1r * q0r - a1i * q0i;
-          const T m00i = a0r * p0i + a0i * p0r + a1r * q0i + a1i * q0r;
-          const T m10r = a2r * p0r - a2i * p0i + a3r * q0r - a3i * q0i;
-          const T m10i = a2r * p0i + a2i * p0r + a3r * q0i + a3i * q0r;
-          const T m01r = a0r * p1r - a0i * p1i + a1r * q1r - a1i * q1i;
-          const T m01i = a0r * p1i + a0i * p1r + a1r * q1i + a1i * q1r;
-          const T m11r = a2r * p1r - a2i * p1i + a3r * q1r - a3i * q1i;
-          const T m11i = a2r * p1i + a2i * p1r + a3r * q1i + a3i * q1r;
+          T m00r, m00i, m10r, m10i, m01r, m01i, m11r, m11i;
+          mul(a, x00r[l], x00i[l], x10r[l], x10i[l], m00r, m00i, m10r, m10i);
+          mul(a, x01r[l], x01i[l], x11r[l], x11i[l], m01r, m01i, m11r, m11i);
           // B's gradient: gy_(a, p) conj(m_(a, q)), summed over a
           acc_outer(acc_b, L, l, e0r, e0i, e1r, e1i, m00r, m00i, m01r, m01i);
           acc_outer(acc_b, L, l, f0r, f0i, f1r, f1i, m10r, m10i, m11r, m11i);
         }
         // gm = B^H gy on the second axis, for a = 0 (from e) and a = 1 (from f)
-        h00r[l] = b0r * e0r + b0i * e0i + b2r * e1r + b2i * e1i;
-        h00i[l] = b0r * e0i - b0i * e0r + b2r * e1i - b2i * e1r;
-        h01r[l] = b1r * e0r + b1i * e0i + b3r * e1r + b3i * e1i;
-        h01i[l] = b1r * e0i - b1i * e0r + b3r * e1i - b3i * e1r;
-        h10r[l] = b0r * f0r + b0i * f0i + b2r * f1r + b2i * f1i;
-        h10i[l] = b0r * f0i - b0i * f0r + b2r * f1i - b2i * f1r;
-        h11r[l] = b1r * f0r + b1i * f0i + b3r * f1r + b3i * f1i;
-        h11i[l] = b1r * f0i - b1i * f0r + b3r * f1i - b3i * f1r;
+        mul_adjoint(b, e0r, e0i, e1r, e1i, h00r[l], h00i[l], h01r[l], h01i[l]);
+        mul_adjoint(b, f0r, f0i, f1r, f1i, h10r[l], h10i[l], h11r[l], h11i[l]);
       }
 #pragma omp simd
       for (int l = 0; l < L; ++l) {
-        const T p0r = x00r[l], p0i = x00i[l], q0r = x10r[l], q0i = x10i[l];
-        const T p1r = x01r[l], p1i = x01i[l], q1r = x11r[l], q1i = x11i[l];
         const T u0r = h00r[l], u0i = h00i[l], u1r = h01r[l], u1i = h01i[l];  // gm, a = 0
         const T v0r = h10r[l], v0i = h10i[l], v1r = h11r[l], v1i = h11i[l];  // gm, a = 1
         if (NW) {
           // A's gradient: gm_(p, b) conj(x_(q, b)), summed over b
-          acc_outer(acc_a, L, l, u0r, u0i, v0r, v0i, p0r, p0i, q0r, q0i);
-          acc_outer(acc_a, L, l, u1r, u1i, v1r, v1i, p1r, p1i, q1r, q1i);
+          acc_outer(acc_a, L, l, u0r, u0i, v0r, v0i, x00r[l], x00i[l], x10r[l], x10i[l]);
+          acc_outer(acc_a, L, l, u1r, u1i, v1r, v1i, x01r[l], x01i[l], x11r[l], x11i[l]);
         }
         // gx = A^H gm on the first axis, for b = 0 (u0, v0) and b = 1 (u1, v1)
-        h00r[l] = a0r * u0r + a0i * u0i + a2r * v0r + a2i * v0i;
-        h00i[l] = a0r * u0i - a0i * u0r + a2r * v0i - a2i * v0r;
-        h10r[l] = a1r * u0r + a1i * u0i + a3r * v0r + a3i * v0i;
-        h10i[l] = a1r * u0i - a1i * u0r + a3r * v0i - a3i * v0r;
-        h01r[l] = a0r * u1r + a0i * u1i + a2r * v1r + a2i * v1i;
-        h01i[l] = a0r * u1i - a0i * u1r + a2r * v1i - a2i * v1r;
-        h11r[l] = a1r * u1r + a1i * u1i + a3r * v1r + a3i * v1i;
-        h11i[l] = a1r * u1i - a1i * u1r + a3r * v1i - a3i * v1r;
+        mul_adjoint(a, u0r, u0i, v0r, v0i, h00r[l], h00i[l], h10r[l], h10i[l]);
+        mul_adjoint(a, u1r, u1i, v1r, v1i, h01r[l], h01i[l], h11r[l], h11i[l]);
       }
     }
   }
