@@ -19,7 +19,10 @@ Parts (``--parts`` picks some; all but ``plans`` by default):
   ``kru_core.training.build_model`` / ``build_optimizer`` for the MNIST task's shapes (batch 32,
   784 steps, input 1, 10 classes) and stepped as ``kru_core.training`` steps (forward, cross
   entropy + the unitary penalty, backward, gradient clipping, Adam step, constraint), on random
-  pixels (the time does not depend on them).
+  pixels (the time does not depend on them), with freed memory kept in the process as
+  ``kru_core.training.train`` keeps it (:mod:`kru_core.memory`; run last for that reason).
+* ``heap`` (not in the default run): the ``mnist`` part in child processes with freed memory
+  kept and with glibc's defaults (``KRU_RETAIN_HEAP=1`` / ``0``), alternated.
 * ``predict``: the predict route's model time (what ``kru_predict_duration_seconds`` observes in
   ``app/routes/models.py``: ``Predictor.predict_async``, validation, micro-batching and the
   forward pass) for one 100-step sequence of 32 features on an N=128 KRU classifier, with the
@@ -38,13 +41,18 @@ Usage::
     python benchmarks/recurrence.py --parts mnist predict
     python benchmarks/recurrence.py --parts plans --sizes 128 512 --batches 1 32
     python benchmarks/recurrence.py --parts op --stat min --reps 15
+    python benchmarks/recurrence.py --parts heap --mnist-reps 3
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +61,7 @@ from typing import Any
 import torch
 
 from kru_core import KRU
+from kru_core.memory import RETAIN_HEAP_ENV, retain_freed_memory
 from kru_core.recurrence import backend_status
 
 #: (name, N, B, T, input size, mode) of issue 9's table.
@@ -271,14 +280,50 @@ def mnist_step_timers(batch_size: int = 32, steps: int = 784) -> dict[str, Calla
 
 
 def run_mnist(args: argparse.Namespace, stat: Callable[[list[float]], float]) -> None:
+    retain_freed_memory()  # as kru_core.training.train runs its steps
     timers = mnist_step_timers()
     res = interleaved(timers, reps=args.mnist_reps, warmup=1, stat=stat)
+    if args.json:
+        print(json.dumps(res))
+        return
     (kru, k), (lstm, v) = res.items()
     print(f"\nPixel-MNIST training step (batch 32, 784 steps; s per step, {args.stat}):")
     _print_table(
         [kru, lstm, "KRU / LSTM"],
         [[f"{k:.3f}", f"{v:.3f}", f"**{k / v:.2f}**"]],
     )
+
+
+def run_heap(args: argparse.Namespace, stat: Callable[[list[float]], float]) -> None:
+    """The MNIST step with freed memory kept (``KRU_RETAIN_HEAP=1``, what ``kru train`` does)
+    and with glibc's defaults (``0``): child processes of this script's ``mnist`` part, the two
+    settings alternated ``--mnist-reps`` times (a process cannot go back to glibc's defaults)."""
+    settings = {"kept": "1", "glibc default": "0"}
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in settings}
+    for _ in range(args.mnist_reps):
+        for name, value in settings.items():
+            cmd = [sys.executable, __file__, "--parts", "mnist", "--mnist-reps", "3", "--json"]
+            cmd += ["--threads", str(args.threads), "--stat", args.stat]
+            env = {**os.environ, RETAIN_HEAP_ENV: value}
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+            for model, seconds in json.loads(out.stdout.splitlines()[-1]).items():
+                samples[name].setdefault(model, []).append(seconds)
+    print(
+        f"\nPixel-MNIST training step, freed memory kept or not (s per step, {args.stat} of "
+        f"{args.mnist_reps} alternated processes):"
+    )
+    models = list(samples["kept"])
+    rows = [[name, *(f"{stat(samples[name][m]):.3f}" for m in models)] for name in settings]
+    rows.append(
+        [
+            "kept / default",
+            *(
+                f"**{stat(samples['kept'][m]) / stat(samples['glibc default'][m]):.2f}**"
+                for m in models
+            ),
+        ]
+    )
+    _print_table(["glibc heap", *models], rows)
 
 
 def predict_timers(hidden: int = 128, steps: int = 100, features: int = 32) -> dict[str, Any]:
@@ -398,7 +443,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["regimes", "grid", "mnist", "predict", "plans", "op"],
+        choices=["regimes", "grid", "mnist", "predict", "plans", "op", "heap"],
         default=["regimes", "grid", "mnist", "predict"],
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024])
@@ -417,6 +462,7 @@ def main() -> None:
         help="statistic over repetitions; 'min' resists a busy machine",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="mnist: one JSON line (for heap)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -430,14 +476,16 @@ def main() -> None:
         run_regimes(args, stat)
     if "grid" in args.parts:
         run_grid(args, stat)
-    if "mnist" in args.parts:
-        run_mnist(args, stat)
     if "predict" in args.parts:
         run_predict(args, stat)
     if "plans" in args.parts:
         run_plans(args, stat)
     if "op" in args.parts:
         run_op(args, stat)
+    if "heap" in args.parts:
+        run_heap(args, stat)
+    if "mnist" in args.parts:  # last: it keeps freed memory in the process from then on
+        run_mnist(args, stat)
 
 
 if __name__ == "__main__":

