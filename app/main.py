@@ -6,6 +6,7 @@ Run it with ``kru api`` (or ``uvicorn --factory app.main:create_app``); settings
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -67,6 +68,7 @@ def serving_limits(settings: Settings) -> ServingLimits:
         batch_max_delay=settings.batch_max_delay_ms / 1000,
         queue_size=settings.batch_queue_size,
         timeout=settings.predict_timeout,
+        inline_forward=settings.inline_forward_ms / 1000,
     )
 
 
@@ -88,6 +90,11 @@ def create_app(
         if not settings.api_keys:
             logger.warning("KRU_API_KEYS is empty: the API is open to anyone who can reach it")
         logger.info("kru API ready (database %s)", _redact(settings.database_url))
+        # What is loaded by now (modules, torch, the app) lives as long as the process: out of
+        # the cyclic collector's full passes, which took 150 ms each under load and held up
+        # every request in flight (docs/benchmarks.md, "Serving").
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -114,12 +121,14 @@ def create_app(
     )
 
     # Route templates for metrics labels: the routes keep their router-relative paths.
+    # Matched in this order: the serving routes first (a request is tried against every route
+    # before its own).
     templates: dict[int, str] = {}
     for router, prefix in (
-        (jobs.router, API_PREFIX),
-        (datasets.router, API_PREFIX),
         (models.router, API_PREFIX),
         (sessions.router, API_PREFIX),
+        (jobs.router, API_PREFIX),
+        (datasets.router, API_PREFIX),
         (workers.router, API_PREFIX),
         (health.router, ""),
     ):

@@ -168,6 +168,8 @@ class ServingLimits:
             (``KRU_BATCH_MAX_DELAY_MS`` / 1000).
         queue_size: requests waiting per model and kind (``KRU_BATCH_QUEUE_SIZE``).
         timeout: seconds a request may wait for its answer (``KRU_PREDICT_TIMEOUT``).
+        inline_forward: a forward pass expected to take at most this many seconds runs on the
+            event loop instead of a worker thread (``KRU_INLINE_FORWARD_MS`` / 1000; 0: never).
     """
 
     max_sequences: int = 256
@@ -177,6 +179,7 @@ class ServingLimits:
     batch_max_delay: float = 0.0
     queue_size: int = 256
     timeout: float = 30.0
+    inline_forward: float = 0.001
 
 
 @dataclass
@@ -266,10 +269,17 @@ class ModelBatcher:
         for job in batch:
             self.predictor.observe_wait(self.kind, started - job.enqueued)
         self.predictor.observe_batch(self.kind, size)
+        steps = sum(len(s) for job in batch for s in job.sequences)
+        expected = self.predictor.expected_seconds(self.model_id, steps)
         try:
-            outputs = await self.loop.run_in_executor(
-                self.predictor.executor, self.predictor._run_batch, self.model_id, batch
-            )
+            if expected <= self.predictor.limits.inline_forward:
+                # Short enough to run here: the hand-off to a thread and back (two wake-ups and
+                # the GIL changing hands) cost about as much as such a pass.
+                outputs = self.predictor._run_batch(self.model_id, batch)
+            else:
+                outputs = await self.loop.run_in_executor(
+                    self.predictor.executor, self.predictor._run_batch, self.model_id, batch
+                )
         except Exception as exc:  # the whole batch fails, and only it
             logger.exception("forward pass of %d sequences on model %s failed", size, self.model_id)
             failure = BatchFailed(
@@ -279,7 +289,7 @@ class ModelBatcher:
                 if job.future is not None and not job.future.done():
                     job.future.set_exception(failure)
             return
-        self.predictor.record_batch_seconds(self.model_id, time.perf_counter() - started)
+        self.predictor.record_batch_seconds(self.model_id, time.perf_counter() - started, steps)
         for job, output in zip(batch, outputs, strict=True):
             if job.future is not None and not job.future.done():
                 job.future.set_result(output)
@@ -328,6 +338,7 @@ class Predictor:
         self._executors_lock = threading.Lock()
         self._batchers: dict[tuple[str, str], ModelBatcher] = {}
         self._batch_seconds: dict[str, float] = {}
+        self._step_seconds: dict[str, float] = {}
         self._observe_batch = observe_batch
         self._observe_wait = observe_wait
 
@@ -571,9 +582,17 @@ class Predictor:
         """The last forward pass's duration on ``model_id`` (0 before the first)."""
         return self._batch_seconds.get(model_id, 0.0)
 
-    def record_batch_seconds(self, model_id: str, seconds: float) -> None:
-        """Remember a forward pass's duration (for ``Retry-After``)."""
+    def record_batch_seconds(self, model_id: str, seconds: float, steps: int) -> None:
+        """Remember a forward pass's duration (for ``Retry-After``) and its seconds per step of
+        its sequences (for :meth:`expected_seconds`)."""
         self._batch_seconds[model_id] = seconds
+        self._step_seconds[model_id] = seconds / max(1, steps)
+
+    def expected_seconds(self, model_id: str, steps: int) -> float:
+        """The expected duration of a forward pass over ``steps`` steps (all its sequences'),
+        at the last pass's rate; infinite before the model's first pass."""
+        rate = self._step_seconds.get(model_id)
+        return math.inf if rate is None else rate * steps
 
     def observe_batch(self, kind: str, size: int) -> None:
         """Record a forward pass of ``size`` sequences."""

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
             waiting at most this many milliseconds for more (0: only those already queued).
         batch_queue_size: requests waiting per model; more are answered 503 (Retry-After).
         predict_timeout: seconds a predict or session request waits for its answer (504).
+        inline_forward_ms: a forward pass expected to take at most this many milliseconds
+            runs on the API's event loop instead of a worker thread (0: always a thread).
         max_sessions: streaming sessions open at once (429 above it).
         session_ttl: seconds a streaming session lives idle, unless it asks otherwise.
 
@@ -126,6 +128,7 @@ class Settings(BaseSettings):
     batch_max_delay_ms: float = Field(0.0, ge=0, le=1000)
     batch_queue_size: int = Field(256, ge=1)
     predict_timeout: float = Field(30.0, gt=0)
+    inline_forward_ms: float = Field(1.0, ge=0, le=100)
     max_sessions: int = Field(10_000, ge=1)
     session_ttl: float = Field(600.0, gt=0, le=MAX_SESSION_TTL_SECONDS)
 

@@ -210,6 +210,53 @@ def test_an_exception_fails_only_its_batch(
     assert client.post(url, json={"inputs": [[1, 2]]}).status_code == 200
 
 
+def test_short_passes_run_on_the_event_loop_and_long_ones_in_a_thread(
+    models: Models,  # noqa: F811
+    ids: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KRU_INLINE_FORWARD_MS: a pass expected (at the model's last rate) within it runs on the
+    event loop; the first pass of a model, and longer ones, in a worker thread. Same answers."""
+    url = f"/v1/models/{ids['copy']}/predict"
+    short, long = [[1, 2, 3]], [[1, 2, 3] * (MAX_LENGTH // 3)]
+    answers: dict[float, list[Any]] = {}
+    threads: dict[float, list[str]] = {}
+    for limit in (0.0, 10.0):
+        with make_client(models, inline_forward_ms=limit) as client:
+            predictor = client.app.state.predictor  # type: ignore[attr-defined]
+            client.post(url, json={"inputs": short})  # loads the model: its first pass
+            model = predictor.cache.get(ids["copy"])
+            original = model.forward_batch
+            names: list[str] = []
+
+            def recorded(
+                *args: Any, _names: list[str] = names, _f: Any = original, **kw: Any
+            ) -> Any:
+                _names.append(threading.current_thread().name)
+                return _f(*args, **kw)
+
+            monkeypatch.setattr(model, "forward_batch", recorded)
+            answers[limit] = []
+            for inputs in (short, long):
+                # a known rate, 1 ms a step: the short pass is expected to take 3 ms, the long 63
+                predictor.record_batch_seconds(ids["copy"], 1.0, 1000)
+                answers[limit].append(client.post(url, json={"inputs": inputs}).json())
+            threads[limit] = names
+    assert answers[0.0] == answers[10.0]
+    assert all(name.startswith("kru-forward") for name in threads[0.0]), threads
+    short_thread, long_thread = threads[10.0]
+    assert not short_thread.startswith("kru-forward"), threads  # the event loop's own thread
+    assert long_thread.startswith("kru-forward"), threads
+
+
+def test_a_model_s_first_pass_runs_in_a_thread(models: Models, ids: dict[str, str]) -> None:  # noqa: F811
+    with make_client(models, inline_forward_ms=100.0) as client:
+        predictor = client.app.state.predictor  # type: ignore[attr-defined]
+        assert predictor.expected_seconds(ids["copy"], 3) == math.inf  # no rate: not inline
+        client.post(f"/v1/models/{ids['copy']}/predict", json={"inputs": [[1, 2, 3]]})
+        assert 0 < predictor.expected_seconds(ids["copy"], 3) < math.inf
+
+
 #: ``slow_copy(delay, **settings)``: see the fixture.
 SlowCopy = Callable[..., AbstractContextManager[tuple[TestClient, str, list[int]]]]
 
@@ -226,7 +273,8 @@ def slow_copy(
 
     @contextmanager
     def open_client(delay: float, **settings: Any) -> Iterator[tuple[TestClient, str, list[int]]]:
-        with make_client(models, **settings) as client:
+        # every pass in a worker thread: the fast first pass must not make the slow ones inline
+        with make_client(models, **{"inline_forward_ms": 0.0, **settings}) as client:
             url = f"/v1/models/{ids['copy']}/predict"
             client.post(url, json={"inputs": [[1]]})
             model = client.app.state.predictor.cache.get(ids["copy"])  # type: ignore[attr-defined]
