@@ -98,6 +98,7 @@ def create_app(
         try:
             yield
         finally:
+            gc.unfreeze()
             app.state.predictor.close()
             await run_in_threadpool(service.shutdown)
 

@@ -11,7 +11,9 @@ Valid requests then join their model's queue (:class:`ModelBatcher`): concurrent
 streaming-session steps, in a queue of their own) are merged into one forward pass of at most
 ``batch_max_size`` sequences, waiting at most ``batch_max_delay`` seconds for more once the
 first one is queued (requests that arrive while a batch runs make up the next one). The forward
-pass runs in a worker thread, never on the event loop. Each queue holds at most ``queue_size``
+pass runs in a worker thread, or on the event loop when it is expected to take at most
+``inline_forward`` seconds (at the last pass's rate) and the model is loaded and idle. Each
+queue holds at most ``queue_size``
 requests (more: :class:`Overloaded`, a ``503`` with ``Retry-After``); a request waits at most
 ``timeout`` seconds (:class:`DeadlineExceeded`, ``504``), and one whose client hung up is
 dropped from its queue (:class:`ClientDisconnected`). A sequence whose outputs are not finite
@@ -29,7 +31,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,13 @@ import torch
 from torch import Tensor
 
 from kru_core.errors import InputError
-from kru_core.inference import NON_FINITE_OUTPUT, BatchOutput, LoadedModel, check_inputs
+from kru_core.inference import (
+    NON_FINITE_OUTPUT,
+    BatchOutput,
+    LoadedModel,
+    ModelBusy,
+    check_inputs,
+)
 from kru_core.tasks import TaskInfo
 
 logger = logging.getLogger(__name__)
@@ -140,6 +148,11 @@ class ModelCache:
                     self._models.popitem(last=False)
         return model
 
+    def peek(self, model_id: str) -> LoadedModel | None:
+        """The loaded model ``model_id``, or ``None`` when it is not loaded (never loads)."""
+        with self._lock:
+            return self._hit(model_id)
+
     def forget(self, model_id: str) -> None:
         """Drop ``model_id`` (a deleted model): the next request resolves it again."""
         with self._lock:
@@ -199,8 +212,9 @@ class ModelBatcher:
 
     Jobs are taken in arrival order until ``batch_max_size`` sequences (a job larger than that
     runs alone); dropped jobs (deadline, client gone) are skipped. Each batch runs as one
-    :meth:`LoadedModel.forward_batch` in the predictor's executor and its outputs are split
-    back to the jobs in order.
+    :meth:`LoadedModel.forward_batch`, in the predictor's executor or, when short (see
+    :meth:`Predictor.expected_seconds`), on the event loop, and its outputs are split back to
+    the jobs in order.
     """
 
     def __init__(self, predictor: Predictor, model_id: str, kind: str) -> None:
@@ -269,17 +283,14 @@ class ModelBatcher:
         for job in batch:
             self.predictor.observe_wait(self.kind, started - job.enqueued)
         self.predictor.observe_batch(self.kind, size)
-        steps = sum(len(s) for job in batch for s in job.sequences)
-        expected = self.predictor.expected_seconds(self.model_id, steps)
         try:
-            if expected <= self.predictor.limits.inline_forward:
-                # Short enough to run here: the hand-off to a thread and back (two wake-ups and
-                # the GIL changing hands) cost about as much as such a pass.
-                outputs = self.predictor._run_batch(self.model_id, batch)
-            else:
+            outputs = self._inline(batch)
+            inline = outputs is not None
+            if outputs is None:
                 outputs = await self.loop.run_in_executor(
-                    self.predictor.executor, self.predictor._run_batch, self.model_id, batch
-                )
+                    self.predictor.executor, self.predictor._run_batch, self.model_id, self.kind,
+                    batch,
+                )  # fmt: skip
         except Exception as exc:  # the whole batch fails, and only it
             logger.exception("forward pass of %d sequences on model %s failed", size, self.model_id)
             failure = BatchFailed(
@@ -289,10 +300,30 @@ class ModelBatcher:
                 if job.future is not None and not job.future.done():
                     job.future.set_exception(failure)
             return
-        self.predictor.record_batch_seconds(self.model_id, time.perf_counter() - started, steps)
+        self.predictor.record_batch_seconds(self.model_id, time.perf_counter() - started)
         for job, output in zip(batch, outputs, strict=True):
             if job.future is not None and not job.future.done():
                 job.future.set_result(output)
+        if inline:
+            await asyncio.sleep(0)  # the answered requests send their answers before the next pass
+
+    def _inline(self, batch: list[Job]) -> list[BatchOutput] | None:
+        """The batch's outputs computed here on the event loop when that is cheap: the pass is
+        expected within ``inline_forward`` seconds and the model is loaded and idle (no load, no
+        wait on another thread's pass or generation); else ``None``."""
+        predictor = self.predictor
+        expected = predictor.expected_seconds(
+            self.model_id, self.kind, padded_steps(s for job in batch for s in job.sequences)
+        )
+        model = predictor.cache.peek(self.model_id)
+        if model is None or expected > predictor.limits.inline_forward:
+            return None
+        # Short enough to run here: the hand-off to a thread and back (two wake-ups and the GIL
+        # changing hands) cost about as much as such a pass.
+        try:
+            return predictor._run_batch(self.model_id, self.kind, batch, model=model, wait=False)
+        except ModelBusy:
+            return None
 
 
 class Predictor:
@@ -338,7 +369,7 @@ class Predictor:
         self._executors_lock = threading.Lock()
         self._batchers: dict[tuple[str, str], ModelBatcher] = {}
         self._batch_seconds: dict[str, float] = {}
-        self._step_seconds: dict[str, float] = {}
+        self._step_seconds: dict[tuple[str, str], float] = {}
         self._observe_batch = observe_batch
         self._observe_wait = observe_wait
 
@@ -546,9 +577,19 @@ class Predictor:
         if self._batchers.get(key) is batcher:
             del self._batchers[key]
 
-    def _run_batch(self, model_id: str, batch: list[Job]) -> list[BatchOutput]:
-        """One forward pass over every sequence of ``batch`` (in the executor)."""
-        model = self.cache.get(model_id)
+    def _run_batch(
+        self,
+        model_id: str,
+        kind: str,
+        batch: list[Job],
+        *,
+        model: LoadedModel | None = None,
+        wait: bool = True,
+    ) -> list[BatchOutput]:
+        """One forward pass over every sequence of ``batch`` (in the executor, or inline with
+        ``model`` given and ``wait=False``: :class:`ModelBusy` when the model is in use); the
+        pass's own duration is recorded for :meth:`expected_seconds`."""
+        model = model if model is not None else self.cache.get(model_id)
         sequences = [s for job in batch for s in job.sequences]
         stateful = any(job.states is not None for job in batch)
         states = None
@@ -558,12 +599,15 @@ class Predictor:
                 for job in batch
                 for s in (job.states if job.states is not None else [None] * len(job.sequences))
             ]
+        started = time.perf_counter()
         output = model.forward_batch(
             sequences,
             probabilities=any(job.probabilities for job in batch),
             states=states,
             return_states=stateful,
+            wait=wait,
         )
+        self.record_pass(model_id, kind, time.perf_counter() - started, padded_steps(sequences))
         results, start = [], 0
         for job in batch:
             end = start + len(job.sequences)
@@ -582,16 +626,19 @@ class Predictor:
         """The last forward pass's duration on ``model_id`` (0 before the first)."""
         return self._batch_seconds.get(model_id, 0.0)
 
-    def record_batch_seconds(self, model_id: str, seconds: float, steps: int) -> None:
-        """Remember a forward pass's duration (for ``Retry-After``) and its seconds per step of
-        its sequences (for :meth:`expected_seconds`)."""
+    def record_batch_seconds(self, model_id: str, seconds: float) -> None:
+        """Remember a batch's duration, queue hand-offs included (for ``Retry-After``)."""
         self._batch_seconds[model_id] = seconds
-        self._step_seconds[model_id] = seconds / max(1, steps)
 
-    def expected_seconds(self, model_id: str, steps: int) -> float:
-        """The expected duration of a forward pass over ``steps`` steps (all its sequences'),
-        at the last pass's rate; infinite before the model's first pass."""
-        rate = self._step_seconds.get(model_id)
+    def record_pass(self, model_id: str, kind: str, seconds: float, steps: int) -> None:
+        """Remember a forward pass's own duration over ``steps`` :func:`padded_steps` (the rate
+        :meth:`expected_seconds` extrapolates)."""
+        self._step_seconds[model_id, kind] = seconds / max(1, steps)
+
+    def expected_seconds(self, model_id: str, kind: str, steps: int) -> float:
+        """The expected duration of a ``kind`` pass over ``steps`` :func:`padded_steps` at the
+        last such pass's rate; infinite before the first one in this process."""
+        rate = self._step_seconds.get((model_id, kind))
         return math.inf if rate is None else rate * steps
 
     def observe_batch(self, kind: str, size: int) -> None:
@@ -610,6 +657,13 @@ class Predictor:
             pools, self._executors = list(self._executors.values()), {}
         for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def padded_steps(sequences: Iterable[Tensor]) -> int:
+    """The steps a forward pass over ``sequences`` computes: rows x the longest (shorter ones
+    are padded to it)."""
+    lengths = [len(s) for s in sequences]
+    return len(lengths) * max(lengths, default=0)
 
 
 def answer(output: BatchOutput, *, probabilities: bool) -> dict[str, Any]:

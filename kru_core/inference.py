@@ -80,6 +80,11 @@ class BatchOutput:
     states: list[Any]
 
 
+class ModelBusy(RuntimeError):
+    """:meth:`LoadedModel.forward_batch` with ``wait=False`` found the model in use by another
+    call (a forward pass or a generation in another thread)."""
+
+
 class LoadedModel:
     """A trained model with its task, ready to predict.
 
@@ -174,6 +179,7 @@ class LoadedModel:
         probabilities: bool = False,
         states: Sequence[Any] | None = None,
         return_states: bool = False,
+        wait: bool = True,
     ) -> BatchOutput:
         """One forward pass (in chunks of :data:`PREDICT_BATCH_SIZE`) over encoded sequences.
 
@@ -186,16 +192,22 @@ class LoadedModel:
             states: a hidden state per sequence to start from (from a previous call's
                 ``states``; ``None`` entries start from zeros), or ``None`` for all zeros.
             return_states: also return each sequence's state after its last step.
+            wait: wait for another call on this model to finish (else :class:`ModelBusy`).
         """
         want_probs = self.wants_probabilities(probabilities)
         out = BatchOutput([], [], [], [])
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(sequences), PREDICT_BATCH_SIZE):
-                chunk = list(sequences[start : start + PREDICT_BATCH_SIZE])
-                hx = None
-                if states is not None:
-                    hx = self._stack_states(states[start : start + PREDICT_BATCH_SIZE])
-                self._predict_chunk(chunk, want_probs, hx, return_states, out)
+        if not self._lock.acquire(blocking=wait):
+            raise ModelBusy("the model is running another call")
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(sequences), PREDICT_BATCH_SIZE):
+                    chunk = list(sequences[start : start + PREDICT_BATCH_SIZE])
+                    hx = None
+                    if states is not None:
+                        hx = self._stack_states(states[start : start + PREDICT_BATCH_SIZE])
+                    self._predict_chunk(chunk, want_probs, hx, return_states, out)
+        finally:
+            self._lock.release()
         return out
 
     def _predict_chunk(

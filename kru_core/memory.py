@@ -19,12 +19,12 @@ starts and releases the free memory when the run ends. It does nothing off glibc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
 __all__ = [
     "RETAIN_HEAP_ENV",
+    "has_glibc",
     "heap_retention_available",
     "release_free_memory",
     "retain_freed_memory",
@@ -43,25 +43,32 @@ _KEEP_TRIM_THRESHOLD = 2**31 - 1
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL("libc.so.6")
         for symbol in ("gnu_get_libc_version", "mallopt", "malloc_trim"):  # glibc only
             getattr(libc, symbol)
     except (OSError, AttributeError):
         return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
     return libc
 
 
 _LIBC = _glibc()
+_retained = False
+
+
+def has_glibc() -> bool:
+    """Whether this process's C library is glibc (whose allocator this module tunes)."""
+    return _LIBC is not None
 
 
 def heap_retention_available() -> bool:
     """Whether :func:`retain_freed_memory` changes anything here (glibc, and ``KRU_RETAIN_HEAP``
     not ``0``)."""
-    return _LIBC is not None and os.environ.get(RETAIN_HEAP_ENV, "1").strip() != "0"
+    return has_glibc() and os.environ.get(RETAIN_HEAP_ENV, "1").strip() != "0"
 
 
 def retain_freed_memory() -> bool:
@@ -73,15 +80,20 @@ def retain_freed_memory() -> bool:
     per-thread arenas); PyTorch's CPU autograd runs the backward in the calling thread, so a
     training loop's big tensors are covered when it runs in the main thread (as ``kru train``
     and the worker's solo pool run it)."""
+    global _retained
     if not heap_retention_available():
         return False
     assert _LIBC is not None
-    _LIBC.mallopt(_M_MMAP_MAX, 0)
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)
-    return True
+    applied = bool(_LIBC.mallopt(_M_MMAP_MAX, 0))
+    applied = bool(_LIBC.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)) and applied
+    if not applied:
+        logger.warning("glibc refused the heap settings (mallopt); freed memory is not kept")
+    _retained = _retained or applied
+    return applied
 
 
 def release_free_memory() -> None:
-    """Give the heap's free memory back to the OS (``malloc_trim(0)``; nothing off glibc)."""
-    if _LIBC is not None:
+    """Give the heap's free memory back to the OS (``malloc_trim(0)``), once
+    :func:`retain_freed_memory` has applied in this process (else nothing)."""
+    if _LIBC is not None and _retained:
         _LIBC.malloc_trim(0)

@@ -239,7 +239,7 @@ def test_short_passes_run_on_the_event_loop_and_long_ones_in_a_thread(
             answers[limit] = []
             for inputs in (short, long):
                 # a known rate, 1 ms a step: the short pass is expected to take 3 ms, the long 63
-                predictor.record_batch_seconds(ids["copy"], 1.0, 1000)
+                predictor.record_pass(ids["copy"], "predict", 1.0, 1000)
                 answers[limit].append(client.post(url, json={"inputs": inputs}).json())
             threads[limit] = names
     assert answers[0.0] == answers[10.0]
@@ -249,12 +249,48 @@ def test_short_passes_run_on_the_event_loop_and_long_ones_in_a_thread(
     assert long_thread.startswith("kru-forward"), threads
 
 
-def test_a_model_s_first_pass_runs_in_a_thread(models: Models, ids: dict[str, str]) -> None:  # noqa: F811
+def test_a_model_s_first_pass_and_a_busy_model_s_pass_run_in_a_thread(
+    models: Models,  # noqa: F811
+    ids: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never inline: before any rate is known (the first pass), nor while another call holds
+    the model (the loop would wait on its lock); answers unchanged."""
+    url = f"/v1/models/{ids['copy']}/predict"
     with make_client(models, inline_forward_ms=100.0) as client:
         predictor = client.app.state.predictor  # type: ignore[attr-defined]
-        assert predictor.expected_seconds(ids["copy"], 3) == math.inf  # no rate: not inline
-        client.post(f"/v1/models/{ids['copy']}/predict", json={"inputs": [[1, 2, 3]]})
-        assert 0 < predictor.expected_seconds(ids["copy"], 3) < math.inf
+        model = predictor.cache.get(ids["copy"])  # loaded, no pass yet
+        original = model.forward_batch
+        names: list[str] = []
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            names.append(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward_batch", recorded)
+        assert predictor.expected_seconds(ids["copy"], "predict", 3) == math.inf
+        first = client.post(url, json={"inputs": [[1, 2, 3]]}).json()
+        assert 0 < predictor.expected_seconds(ids["copy"], "predict", 3) < math.inf
+        with model._lock:  # another call (a generation, a session pass) holds the model
+            busy = asyncio.run(_post_while_held(client, url, model))
+        assert busy == first
+        kinds = ["thread" if n.startswith("kru-forward") else "loop" for n in names]
+        # first pass: a thread; busy: tried inline (refused at once), then a thread
+        assert kinds == ["thread", "loop", "thread"], names
+
+
+async def _post_while_held(client: TestClient, url: str, model: Any) -> Any:
+    """POST ``url`` on the client's app while the test holds ``model``'s lock, releasing it
+    once the request has been refused inline (so the thread's pass can run)."""
+    transport = httpx.ASGITransport(app=client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        request = asyncio.ensure_future(http.post(url, json={"inputs": [[1, 2, 3]]}))
+        await asyncio.sleep(0.2)
+        model._lock.release()
+        try:
+            return (await request).json()
+        finally:
+            model._lock.acquire()
 
 
 #: ``slow_copy(delay, **settings)``: see the fixture.
