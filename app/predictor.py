@@ -464,7 +464,7 @@ class Predictor:
                 "regression): it has no probabilities",
             )
         self.check_cost(model, sum(len(s) for s in inputs), len(inputs), field="inputs")
-        return model.encode(inputs)
+        return model.encode(inputs, checked=True)  # validate_inputs ran check_inputs
 
     def check_cost(self, model: LoadedModel, steps: int, sequences: int, *, field: str) -> None:
         """InputError when ``steps`` (all sequences' steps) x the model's per-step cost is over

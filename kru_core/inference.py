@@ -167,10 +167,11 @@ class LoadedModel:
         """Whether ``probabilities=True`` gives probabilities (classification models only)."""
         return probabilities and self.task_info.target_kind == "classification"
 
-    def encode(self, inputs: Any) -> list[Tensor]:
+    def encode(self, inputs: Any, *, checked: bool = False) -> list[Tensor]:
         """``inputs`` (lists of tokens, strings, lists of feature vectors) as one tensor per
-        sequence, checked against the model; InputError names the first bad value."""
-        return self._encode_inputs(inputs)
+        sequence, checked against the model (:func:`check_inputs`; InputError names the first
+        bad value) unless the caller has already (``checked=True``)."""
+        return self._encode_inputs(inputs, checked=checked)
 
     def forward_batch(
         self,
@@ -259,8 +260,9 @@ class LoadedModel:
             )
         return torch.cat(full, dim=_batch_dim(template)).to(self.device)
 
-    def _encode_inputs(self, inputs: Any) -> list[Tensor]:
-        check_inputs(inputs, self.task_info)
+    def _encode_inputs(self, inputs: Any, *, checked: bool = False) -> list[Tensor]:
+        if not checked:
+            check_inputs(inputs, self.task_info)
         if self.task_info.input_kind == "tokens":
             return [self._encode_tokens(seq) for seq in inputs]
         return [self._encode_features(seq) for seq in inputs]
@@ -390,6 +392,12 @@ def _check_text(text: str, where: str, vocabulary: Sequence[str] | None) -> None
 
 
 def _check_tokens(sequence: Sequence[Any], where: str, vocab_size: int) -> None:
+    # The common case at C speed (type() is exact: a bool is not an int here); the loop below
+    # finds and names the first bad token otherwise.
+    if all(type(token) is int for token in sequence) and (
+        not sequence or (min(sequence) >= 0 and max(sequence) < vocab_size)
+    ):
+        return
     for j, token in enumerate(sequence):
         if isinstance(token, bool) or not isinstance(token, int):
             raise InputError(
