@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from app.schemas import MAX_JSON_INT, JsonInt
 from kru_core.errors import InputError
 from kru_core.inference import state_from_bytes, state_to_bytes
-from worker import context
+from worker import context, service
 from worker.errors import Conflict, NotFound
 from worker.models import utcnow
 from worker.session_store import SessionRecord, SessionStore, Step
@@ -188,8 +188,18 @@ def digest(inputs: Any) -> str:
 
 
 def create_session(model_id: str, *, ttl_seconds: float, max_sessions: int) -> dict[str, Any]:
-    """A new session at position 0; :class:`TooManySessions` when ``max_sessions`` live."""
-    return _info(_store().create(model_id, ttl_seconds=ttl_seconds, max_sessions=max_sessions))
+    """A new session at position 0; :class:`TooManySessions` when ``max_sessions`` live;
+    ``NotFound`` (and no session) when the model was deleted meanwhile."""
+    store = _store()
+    record = store.create(model_id, ttl_seconds=ttl_seconds, max_sessions=max_sessions)
+    # The model may have been deleted since the caller found it (in a cache): a delete that
+    # ran before this session existed could not remove it (worker/retention.py, delete_model).
+    try:
+        service.get_model(model_id)
+    except NotFound:
+        store.delete(record.id)
+        raise
+    return _info(record)
 
 
 _cache: OrderedDict[str, SessionRecord] = OrderedDict()

@@ -175,6 +175,10 @@ def delete_model(ctx: Context, model_id: str, *, owner: str) -> None:
         db.execute(delete(sessions).where(sessions.c.model_id == model_id))
         db.execute(update(job_table).where(job_table.c.id == model.job_id).values(model_id=None))
         db.execute(delete(Model.__table__).where(Model.__table__.c.id == model_id))
+    # A session created on the model after the check above (its model found in an API's cache)
+    # must not outlive it: removed here, or, created later still, by its own creation's check
+    # that the model exists (app/sessions.py, create_session).
+    ctx.sessions.delete_on_model(model_id)
     checkpoint = (ctx.settings.data_dir / model.checkpoint).resolve()
     if checkpoint.is_relative_to(ctx.settings.jobs_dir.resolve()):
         shutil.rmtree(checkpoint, ignore_errors=True)

@@ -141,6 +141,11 @@ class SessionStore(Protocol):
         """Sessions live now on ``model_id`` (a model in use is not deleted)."""
         ...
 
+    def delete_on_model(self, model_id: str) -> int:
+        """Delete every session on ``model_id``, live or expired (its model is gone); how many
+        live ones there were."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -246,6 +251,18 @@ class SqlSessionStore:
             )
             return db.scalar(query) or 0
 
+    def delete_on_model(self, model_id: str) -> int:
+        """See :class:`SessionStore`."""
+        now = utcnow()
+        with self.store.writing() as db:
+            live = db.scalar(
+                select(func.count()).where(
+                    StreamSession.model_id == model_id, StreamSession.expires_at > now
+                )
+            )
+            db.execute(delete(StreamSession).where(StreamSession.model_id == model_id))
+            return live or 0
+
     def close(self) -> None:
         """Nothing of its own: the job store's pool is the context's."""
 
@@ -271,7 +288,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[2], ms + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ms)
 redis.call('ZADD', KEYS[3], ms + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[3], ttl)
+if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
 return {1, count + 1, ms + ttl}
 """
 
@@ -306,6 +323,20 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS: the model's sorted set of expiries, all sessions' expiries. ARGV: the hash prefix.
+# Deletes every session of the model and its set; returns how many were live.
+_DELETE_ON_MODEL = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local live = redis.call('ZCOUNT', KEYS[1], '(' .. ms, '+inf')
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  redis.call('DEL', ARGV[1] .. id)
+  redis.call('ZREM', KEYS[2], id)
+end
+redis.call('DEL', KEYS[1])
+return live
+"""
+
 # KEYS: a sorted set of expiries. Returns how many are live (expired members are dropped).
 _COUNT = """
 local now = redis.call('TIME')
@@ -338,6 +369,7 @@ class RedisSessionStore:
         self._advance = self.client.register_script(_ADVANCE)
         self._delete = self.client.register_script(_DELETE)
         self._count = self.client.register_script(_COUNT)
+        self._delete_on_model = self.client.register_script(_DELETE_ON_MODEL)
 
     def create(self, model_id: str, *, ttl_seconds: float, max_sessions: int) -> SessionRecord:
         """See :class:`SessionStore`; the count and the insert are one script."""
@@ -408,6 +440,11 @@ class RedisSessionStore:
     def count_on_model(self, model_id: str) -> int:
         """See :class:`SessionStore`."""
         return int(self._count(keys=[REDIS_BY_MODEL + model_id]))
+
+    def delete_on_model(self, model_id: str) -> int:
+        """See :class:`SessionStore`: one script."""
+        keys = [REDIS_BY_MODEL + model_id, REDIS_ALL]
+        return int(self._delete_on_model(keys=keys, args=[REDIS_PREFIX]))
 
     def close(self) -> None:
         """Close the connection pool."""

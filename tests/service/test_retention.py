@@ -18,8 +18,10 @@ from sqlalchemy import func, select, update
 from testkit import wait_until
 from worker_helpers import copy_config, finished, saved_steps
 
+from app import sessions
 from app.main import create_app
 from worker import context, jobs, retention, service
+from worker.errors import NotFound
 from worker.models import Job, JobEvent, MetricPoint, utcnow
 
 if TYPE_CHECKING:
@@ -99,6 +101,7 @@ def test_checkpoints_pruned_at_the_end_and_deletes_remove_rows_and_files(
     service_env: ServiceEnv,
     client: TestClient,
     worker_process: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     jobs_dir = service_env.settings.jobs_dir
     queued = service.submit_job(copy_config(steps=20))
@@ -132,7 +135,24 @@ def test_checkpoints_pruned_at_the_end_and_deletes_remove_rows_and_files(
     assert response.status_code == 409 and "streaming session" in response.json()["detail"]
     assert client.delete(f"/v1/sessions/{session.json()['id']}").status_code == 204
 
+    # A session opened between the delete's in-use check and the delete (the model found in an
+    # API's cache) does not outlive the model ...
+    created: list[str] = []
+    check = retention.check_model_unused
+
+    def check_then_open_a_session(ctx: Any, model_id: str) -> None:
+        check(ctx, model_id)
+        created.append(sessions.create_session(model_id, ttl_seconds=60, max_sessions=100)["id"])
+
+    monkeypatch.setattr(retention, "check_model_unused", check_then_open_a_session)
     assert client.delete(f"/v1/models/{model.id}").status_code == 204
+    monkeypatch.undo()
+    assert created and client.get(f"/v1/sessions/{created[0]}").status_code == 404
+    assert context.current().sessions.count_on_model(model.id) == 0
+    # ... nor does one opened after the delete by an API that still has the model cached
+    with pytest.raises(NotFound):
+        sessions.create_session(model.id, ttl_seconds=60, max_sessions=100)
+    assert context.current().sessions.count_on_model(model.id) == 0
     assert client.get(f"/v1/models/{model.id}").status_code == 404
     assert client.post(f"/v1/models/{model.id}/predict", json={"inputs": [[1]]}).status_code == 404
     assert not (jobs_dir / done.id / "step-000000200").exists()

@@ -88,6 +88,29 @@ def test_a_session_advances_only_from_its_position(store: SessionStore) -> None:
     assert store.advance_many([step(created.id, 5, 1)]) == [False]  # deleted
 
 
+def test_a_short_session_does_not_hide_a_longer_one_on_its_model(store: SessionStore) -> None:
+    """Redis's per-model set took the newest session's TTL: once a short session created after
+    a long one expired, the model counted no session, and could be deleted under the long one."""
+    store.create(MODEL, ttl_seconds=60, max_sessions=10)
+    store.create(MODEL, ttl_seconds=0.2, max_sessions=10)
+    time.sleep(0.4)
+    assert store.count_on_model(MODEL) == 1
+
+
+def test_deleting_a_model_s_sessions(store: SessionStore) -> None:
+    """When a model is deleted its sessions go, live or expired; other models' stay."""
+    live = store.create(MODEL, ttl_seconds=60, max_sessions=10)
+    expired = store.create(MODEL, ttl_seconds=0.2, max_sessions=10)
+    other = store.create("b" * 32, ttl_seconds=60, max_sessions=10)
+    time.sleep(0.4)
+    assert store.delete_on_model(MODEL) == 1  # live ones counted
+    assert store.get(live.id) is None and store.get(expired.id) is None
+    assert store.count_on_model(MODEL) == 0 and store.count() == 1
+    assert store.get(other.id) is not None
+    assert store.delete_on_model(MODEL) == 0
+    assert store.advance_many([step(live.id, 0, 1)]) == [False]  # not revived
+
+
 def test_sessions_are_bounded_and_expire(store: SessionStore) -> None:
     short = store.create(MODEL, ttl_seconds=0.4, max_sessions=2)
     store.create("b" * 32, ttl_seconds=60, max_sessions=2)
