@@ -21,6 +21,7 @@ together go to the store at once (:class:`GroupCommit`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import threading
@@ -196,8 +197,9 @@ def create_session(model_id: str, *, ttl_seconds: float, max_sessions: int) -> d
     # ran before this session existed could not remove it (worker/retention.py, delete_model).
     try:
         service.get_model(model_id)
-    except NotFound:
-        store.delete(record.id)
+    except BaseException:  # deleted, or not known to be there: no session left behind
+        with contextlib.suppress(Exception):
+            store.delete(record.id)
         raise
     return _info(record)
 

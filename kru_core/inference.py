@@ -351,8 +351,9 @@ def check_inputs(inputs: Any, info: TaskInfo) -> None:
     """Check the sequences of a predict request against the model's task; raise
     :class:`~kru_core.errors.InputError` naming the culprit (``inputs.3.17``).
 
-    The one set of input checks: :class:`LoadedModel` runs them before encoding, and the
-    service (``app/predictor.py``) before a request joins a batch, adding only its limits.
+    The one set of input checks: :class:`LoadedModel` runs them before encoding (unless told
+    they ran: ``encode(checked=True)``), and the service (``app/predictor.py``) before a request
+    joins a batch, adding only its limits.
     Token models take lists of ints in ``[0, vocab_size)``, and text models also strings of
     vocabulary characters; feature models take lists of ``input_size`` finite numbers within
     float32's range per step (plain numbers when ``input_size`` is 1); permuted-MNIST models

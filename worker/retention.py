@@ -171,14 +171,18 @@ def delete_model(ctx: Context, model_id: str, *, owner: str) -> None:
     check_model_unused(ctx, model_id)
     sessions = StreamSession.__table__
     with ctx.store.writing() as db:
-        # the model's expired sessions in the job store (none live: checked above)
+        # the model's sessions in the job store: expired ones, and any opened since the check
         db.execute(delete(sessions).where(sessions.c.model_id == model_id))
         db.execute(update(job_table).where(job_table.c.id == model.job_id).values(model_id=None))
         db.execute(delete(Model.__table__).where(Model.__table__.c.id == model_id))
     # A session created on the model after the check above (its model found in an API's cache)
     # must not outlive it: removed here, or, created later still, by its own creation's check
-    # that the model exists (app/sessions.py, create_session).
-    ctx.sessions.delete_on_model(model_id)
+    # that the model exists (app/sessions.py, create_session). The model is gone already: a
+    # store that fails here must not keep its files (such a session answers 404, then expires).
+    try:
+        ctx.sessions.delete_on_model(model_id)
+    except Exception as exc:
+        logger.warning("deleting the sessions of deleted model %s failed: %s", model_id, exc)
     checkpoint = (ctx.settings.data_dir / model.checkpoint).resolve()
     if checkpoint.is_relative_to(ctx.settings.jobs_dir.resolve()):
         shutil.rmtree(checkpoint, ignore_errors=True)

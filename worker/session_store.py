@@ -142,8 +142,8 @@ class SessionStore(Protocol):
         ...
 
     def delete_on_model(self, model_id: str) -> int:
-        """Delete every session on ``model_id``, live or expired (its model is gone); how many
-        live ones there were."""
+        """Delete every session on ``model_id``, live or expired (its model is gone); about how
+        many live ones there were (for a log line: concurrent writes may move it)."""
         ...
 
     def close(self) -> None:
