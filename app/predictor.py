@@ -13,12 +13,11 @@ streaming-session steps, in a queue of their own) are merged into one forward pa
 first one is queued (requests that arrive while a batch runs make up the next one). The forward
 pass runs in a worker thread, or on the event loop when it is expected to take at most
 ``inline_forward`` seconds (at the last pass's rate) and the model is loaded and idle. Each
-queue holds at most ``queue_size``
-requests (more: :class:`Overloaded`, a ``503`` with ``Retry-After``); a request waits at most
-``timeout`` seconds (:class:`DeadlineExceeded`, ``504``), and one whose client hung up is
-dropped from its queue (:class:`ClientDisconnected`). A sequence whose outputs are not finite
-fails only its own request (``422``); an exception in a forward pass fails only that batch
-(:class:`BatchFailed`, ``500`` naming the error).
+queue holds at most ``queue_size`` requests (more: :class:`Overloaded`, a ``503`` with
+``Retry-After``); a request waits at most ``timeout`` seconds (:class:`DeadlineExceeded`,
+``504``), and one whose client hung up is dropped from its queue (:class:`ClientDisconnected`).
+A sequence whose outputs are not finite fails only its own request (``422``); an exception in a
+forward pass fails only that batch (:class:`BatchFailed`, ``500`` naming the error).
 """
 
 from __future__ import annotations

@@ -180,7 +180,9 @@ def delete_model(ctx: Context, model_id: str, *, owner: str) -> None:
     # that the model exists (app/sessions.py, create_session). The model is gone already: a
     # store that fails here must not keep its files (such a session answers 404, then expires).
     try:
-        ctx.sessions.delete_on_model(model_id)
+        opened = ctx.sessions.delete_on_model(model_id)
+        if opened:
+            logger.info("deleted %d session(s) opened on model %s meanwhile", opened, model_id)
     except Exception as exc:
         logger.warning("deleting the sessions of deleted model %s failed: %s", model_id, exc)
     checkpoint = (ctx.settings.data_dir / model.checkpoint).resolve()
